@@ -1,0 +1,136 @@
+"""load_pipeline: reassemble a standard diffusers FluxPipeline from a krea-lite folder.
+
+The quantized transformer and T5 are rebuilt on the meta device and filled with the stored
+tensors through each scheme's own library (bitsandbytes' prequantized API, optimum-quanto's
+deserialization), so no full-precision copy ever exists and the same path works on CPU and CUDA.
+Placement on the GPU (what stays resident, what streams) is decided afterwards by `place`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import read_tensors, verify_checkpoint
+from .errors import KreaLiteError
+from .quantize import build_meta
+from .schemes import get_scheme
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    """What `load_pipeline` attaches to the pipeline it returns, as `pipe.krea_lite`."""
+
+    path: Path
+    manifest: dict
+    device: str
+    plan: object | None = None  # plan.Plan when a VRAM budget was applied
+
+
+def load_component(folder: Path, component: str, info: dict) -> nn.Module:
+    """Rebuild one quantized component from its folder on the CPU, without a full-precision copy."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    model = build_meta(component, config)
+    scheme = get_scheme(info["scheme"])
+    modules = set(info.get("quantized_modules") or [])
+    for name in modules:
+        model.set_submodule(name, scheme.make_module(model.get_submodule(name)))
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    plain: dict[str, torch.Tensor] = {}
+    for key, tensor in read_tensors(folder):
+        module = next((m for m in _prefixes(key) if m in modules), None)
+        if module is None:
+            plain[key] = tensor
+        else:
+            grouped.setdefault(module, {})[key[len(module) + 1:]] = tensor
+    if missing := modules - grouped.keys():
+        raise KreaLiteError(f"{folder} lacks the weights of {len(missing)} quantized modules "
+                            f"(first: {sorted(missing)[0]!r}); run `krea-lite verify` on the folder")
+    for name, stored in grouped.items():
+        scheme.load(model.get_submodule(name), stored)
+    result = model.load_state_dict(plain, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise KreaLiteError(f"{folder} has unexpected tensor {result.unexpected_keys[0]!r}; "
+                            "it was not written for this architecture")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise KreaLiteError(f"{folder} lacks tensor {still_meta[0]!r}; run `krea-lite verify` on the folder")
+    return model.eval().requires_grad_(False)
+
+
+def _prefixes(key: str):
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        yield ".".join(parts[:i])
+
+
+def _resolve_device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KreaLiteError(f"device {device!r} was asked for but torch sees no CUDA GPU; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise KreaLiteError(f"device {device!r} is not 'cpu' or 'cuda'")
+    return device
+
+
+def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | None = None,
+                  width: int = 1024, height: int = 1024, batch: int = 1, verify: str = "quick"):
+    """Load a krea-lite folder as a `diffusers.FluxPipeline` placed for a VRAM budget.
+
+    Args:
+        path: a folder written by `quantize_pipeline`.
+        device: "cuda", "cuda:N" or "cpu"; default CUDA when available.
+        vram_gb: the GPU memory the pipeline may use; default: what the card has free.
+        width, height, batch: the largest images you will generate (activations are planned for them).
+        verify: "quick" (files present, sizes, headers), "full" (also every sha256) or "none".
+
+    Returns:
+        A FluxPipeline; `pipe.krea_lite` holds the manifest and the placement plan.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer, T5TokenizerFast
+
+    path = Path(path)
+    device = _resolve_device(device)
+    if verify not in ("quick", "full", "none"):
+        raise KreaLiteError(f"verify={verify!r}: use 'quick', 'full' or 'none'")
+    if verify == "none":
+        from .checkpoint import read_manifest
+
+        manifest = read_manifest(path)
+    else:
+        manifest = verify_checkpoint(path, full=verify == "full")
+    comps = manifest["components"]
+    pipe = FluxPipeline(
+        transformer=load_component(path / "transformer", "transformer", comps["transformer"]),
+        text_encoder_2=load_component(path / "text_encoder_2", "text_encoder_2", comps["text_encoder_2"]),
+        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch.bfloat16),
+        vae=AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch.bfloat16),
+        tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
+        tokenizer_2=T5TokenizerFast.from_pretrained(path / "tokenizer_2"),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"),
+    )
+    plan = place(pipe, device, vram_gb, width, height, batch)
+    pipe.krea_lite = LoadInfo(path=path, manifest=manifest, device=device, plan=plan)
+    return pipe
+
+
+def place(pipe, device: str, vram_gb: float | None, width: int, height: int, batch: int):
+    """Put the pipeline's weights on `device` for the budget; returns the plan (None on CPU)."""
+    if device == "cpu":
+        return None
+    from .plan import measure, plan_for_budget
+    from .streaming import apply_plan
+
+    budget = None if vram_gb is None else int(vram_gb * 2**30)
+    plan = plan_for_budget(measure(pipe), budget, width=width, height=height, batch=batch)
+    apply_plan(pipe, plan, device)
+    return plan

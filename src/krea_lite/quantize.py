@@ -1,0 +1,255 @@
+"""quantize_pipeline: stream the source's tensors in, write a self-contained quantized pipeline out.
+
+Only one source tensor (plus at most one output shard) is in host memory at a time: the models are
+built on the meta device for their names and shapes, and every Linear weight is quantized as it
+streams past. The transformer and T5 are quantized; CLIP, the VAE, tokenizers and scheduler are
+copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import ShardWriter, atomic_folder, library_versions, write_manifest
+from .errors import KreaLiteError
+from .schemes import get_scheme
+
+# Linears that stay bf16 by default. They are ~0.3% of the transformer's weights but every token
+# and the whole conditioning pass through them: the patch and text embedders (first layers), the
+# timestep/guidance/pooled-text embedders, and the final adaLN + projection (last layers). The
+# per-block modulation linears (norm1.linear, ~27% of the weights) ARE quantized: keeping them would
+# add ~6 GiB. Their effect on real images is unmeasured here (no real weights); override with --keep.
+TRANSFORMER_KEEP = ("x_embedder", "context_embedder", "time_text_embed.*", "norm_out.linear", "proj_out")
+# transformers never bnb-quantizes T5's FFN output `wo` (T5's _keep_in_fp32_modules), so a bnb
+# folder that plain transformers must load has to keep it bf16 too. optimum-quanto has no such rule.
+T5_KEEP_BNB = ("encoder.block.*.layer.1.DenseReluDense.wo",)
+KEEP_REASON = {
+    "transformer": "embedders and final layers touch every token/conditioning and are tiny",
+    "text_encoder_2": "plain transformers keeps T5 `wo` unquantized for bitsandbytes (_keep_in_fp32_modules)",
+}
+QUANTIZED = {"transformer": "diffusion_pytorch_model", "text_encoder_2": "model"}
+COPIED = ("text_encoder", "vae", "tokenizer", "tokenizer_2", "scheduler")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """What `quantize_pipeline` makes.
+
+    Args:
+        transformer: scheme for the FLUX transformer (see `krea_lite.schemes.SCHEMES`).
+        text_encoder: scheme for the T5-XXL text encoder (CLIP-L is small and stays bf16).
+        keep: module-name patterns (fnmatch) left in bf16, replacing the defaults of both
+            components; a pattern that matches nothing in either is an error.
+        base: for a single-file source, where the other components come from (repo id or folder).
+        revision: hub revision for a repo id source.
+        device: where quantization runs ("cuda" or "cpu"); default cuda when available.
+    """
+
+    transformer: str = "nf4"
+    text_encoder: str = "nf4"
+    keep: tuple[str, ...] | None = None
+    base: str | None = None
+    revision: str | None = None
+    device: str | None = None
+
+    def __post_init__(self):
+        get_scheme(self.transformer)
+        get_scheme(self.text_encoder)
+        if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise KreaLiteError(f"device {self.device!r} is not 'cpu' or 'cuda'")
+
+
+def build_meta(component: str, config: dict) -> nn.Module:
+    """The component's model with every tensor on the meta device (no memory)."""
+    if component == "transformer":
+        from diffusers import FluxTransformer2DModel
+
+        with torch.device("meta"):
+            return FluxTransformer2DModel.from_config(config)
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config.from_dict({k: v for k, v in config.items() if k != "quantization_config"})
+    with torch.device("meta"):
+        return T5EncoderModel(cfg)
+
+
+def keep_patterns(component: str, scheme_name: str, override: tuple[str, ...] | None) -> tuple[str, ...]:
+    if scheme_name == "bf16":
+        return ()
+    if override is not None:
+        return override
+    if component == "transformer":
+        return TRANSFORMER_KEEP
+    return T5_KEEP_BNB if get_scheme(scheme_name).backend == "bitsandbytes" else ()
+
+
+def split_linears(model: nn.Module, patterns: tuple[str, ...]) -> tuple[list[str], list[str], set[str]]:
+    """(quantized, kept) Linear names, and the patterns that matched nothing."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    kept = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    unused = {p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)}
+    return [n for n in names if n not in kept], kept, unused
+
+
+def _expected(model: nn.Module) -> tuple[dict[str, torch.Size], dict[str, str]]:
+    """Shapes of every stored tensor, and alias -> canonical name for tied parameters."""
+    shapes, canonical, by_id = {}, {}, {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        first = by_id.setdefault(id(t), name)
+        canonical[name] = first
+        shapes[name] = t.shape
+    return shapes, canonical
+
+
+def _convert(src, component: str, scheme, patterns, out: Path, device: str, bar) -> dict:
+    config = src.config(component)
+    model = build_meta(component, config)
+    quantized, kept, unused = split_linears(model, patterns)
+    if scheme.name == "bf16":
+        quantized, kept = [], []
+    targets = set(quantized)
+    shapes, canonical = _expected(model)
+    writer = ShardWriter(out, QUANTIZED[component])
+    seen = set()
+    for name, t in src.iter_tensors(component):
+        if name not in shapes:
+            raise KreaLiteError(f"{src.id}: {component} tensor {name!r} is not part of FLUX.1's {component}; "
+                                "is this the right model?")
+        if t.shape != shapes[name]:
+            raise KreaLiteError(f"{src.id}: {component} tensor {name!r} has shape {tuple(t.shape)}, config.json "
+                                f"expects {tuple(shapes[name])}; the weights do not match the config")
+        if not t.is_floating_point():
+            raise KreaLiteError(f"{src.id}: {component} tensor {name!r} has dtype {t.dtype}; expected floating "
+                                "point weights (bf16/fp16/fp32/fp8)")
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module in targets:
+            for key, value in scheme.quantize(t.to(device=device, dtype=torch.bfloat16)).items():
+                writer.add(f"{module}.{key}", value)
+        else:
+            writer.add(name, t.to(torch.bfloat16))
+        seen.add(canonical[name])
+        bar.update(t.numel() * t.element_size())
+    missing = sorted({canonical[n] for n in shapes} - seen)
+    if missing:
+        raise KreaLiteError(f"{src.id}: {component} is missing {len(missing)} tensors (first: {missing[0]!r}); "
+                            "the download is incomplete or this is not FLUX.1")
+    writer.close()
+    qc = scheme.library_config(kept, component) if quantized else None
+    (out / "config.json").write_text(json.dumps({**config, **({"quantization_config": qc} if qc else {})}, indent=2))
+    return {
+        "scheme": scheme.name,
+        "backend": scheme.backend if quantized else None,
+        "description": scheme.description,
+        "quantized_modules": quantized,
+        "kept_modules": kept,
+        "keep_patterns": list(patterns),
+        "keep_reason": KEEP_REASON[component] if kept else None,
+        "unused_patterns": sorted(unused),
+        "source_bytes": sum(p.stat().st_size for p in src.files(component)),
+        "bytes": sum(p.stat().st_size for p in out.iterdir()),
+    }
+
+
+def _copy_component(src_dir: Path, dst: Path) -> dict:
+    if not src_dir.is_dir():
+        raise KreaLiteError(f"{src_dir} is missing; the source is not a complete FLUX pipeline")
+    files = [p for p in src_dir.iterdir() if p.is_file() and p.suffix not in (".bin", ".pt", ".pth", ".ckpt")]
+    has_bin = any(p.suffix in (".bin", ".pt", ".pth", ".ckpt") for p in src_dir.iterdir())
+    if has_bin and not any(p.suffix == ".safetensors" for p in files):
+        raise KreaLiteError(f"{src_dir} holds only pickle weights (.bin/.pt); krea-lite reads safetensors only")
+    dst.mkdir(parents=True)
+    for p in files:
+        shutil.copyfile(p, dst / p.name)  # copies, never moves: the source stays untouched
+    size = sum(p.stat().st_size for p in files)
+    return {"scheme": "copied", "backend": None, "source_bytes": size, "bytes": size}
+
+
+def _estimate_bytes(src, config: QuantizeConfig) -> int:
+    total = 0
+    for component, name in (("transformer", config.transformer), ("text_encoder_2", config.text_encoder)):
+        src_bytes = sum(p.stat().st_size for p in src.files(component))
+        total += int(src_bytes * get_scheme(name).bits / 16)
+    for component in COPIED:
+        d = src.root / component
+        total += sum(p.stat().st_size for p in d.iterdir() if p.is_file()) if d.is_dir() else 0
+    return total
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def quantize_pipeline(source: str | Path, out: str | Path, config: QuantizeConfig | None = None,
+                      force: bool = False, progress: bool = True) -> Path:
+    """Convert a FLUX.1 Krea [dev] source into a quantized, self-describing pipeline folder.
+
+    Args:
+        source: a Hugging Face repo id, a local diffusers pipeline folder, or the single-file
+            `flux1-krea-dev.safetensors` (other components then come from `config.base`).
+        out: the folder to create. It appears atomically, manifest last.
+        config: schemes and options (`QuantizeConfig`); default NF4 for transformer and T5.
+        force: replace an existing `out` (never one that overlaps the source).
+        progress: show tqdm progress bars.
+
+    Returns:
+        The path of the finished folder.
+    """
+    from tqdm.auto import tqdm
+
+    from .source import resolve_source
+
+    config = config or QuantizeConfig()
+    out = Path(out)
+    src = resolve_source(str(source), base=config.base, revision=config.revision)
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KreaLiteError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+    protect = (src.root,) + ((src.transformer_file,) if src.transformer_file else ())
+    needed = _estimate_bytes(src, config)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.resolve().parent).free
+    if free < needed * 1.05:
+        raise KreaLiteError(f"{out.resolve().parent} has {_size(free)} free; the conversion needs about "
+                            f"{_size(needed * 1.05)}: free some space or choose another --out")
+    if config.keep is not None:
+        matched = set()
+        for component in QUANTIZED:
+            model = build_meta(component, src.config(component))
+            matched |= set(config.keep) - split_linears(model, config.keep)[2]
+        if unmatched := sorted(set(config.keep) - matched):
+            raise KreaLiteError(f"--keep pattern {unmatched[0]!r} matches no Linear module of the transformer or T5")
+
+    started = time.perf_counter()
+    try:
+        with atomic_folder(out, force=force, protect=protect) as tmp:
+            components = {}
+            total = sum(p.stat().st_size for c in QUANTIZED for p in src.files(c))
+            with tqdm(total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
+                for component, scheme_name in (("transformer", config.transformer),
+                                               ("text_encoder_2", config.text_encoder)):
+                    patterns = keep_patterns(component, scheme_name, config.keep)
+                    components[component] = _convert(src, component, get_scheme(scheme_name), patterns,
+                                                     tmp / component, device, bar)
+            for component in COPIED:
+                components[component] = _copy_component(src.root / component, tmp / component)
+            shutil.copyfile(src.root / "model_index.json", tmp / "model_index.json")
+            write_manifest(tmp, {
+                "source": src.describe(),
+                "components": components,
+                "libraries": library_versions(),
+                "quantize_seconds": round(time.perf_counter() - started, 1),
+            })
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise KreaLiteError(f"disk full while writing {out}: nothing was kept; free space and run again") from e
+        raise
+    return out

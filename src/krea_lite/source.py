@@ -1,0 +1,407 @@
+"""resolve_source: where the weights come from -> a `Source` that yields diffusers-named tensors lazily.
+
+Three kinds of source, one interface:
+  - a Hugging Face repo id ("owner/name"): the diffusers component folders are fetched (or found in
+    the local cache) with `huggingface_hub.snapshot_download`, never the root single files;
+  - a local diffusers pipeline folder (model_index.json naming FluxPipeline + component folders);
+  - a BFL/ComfyUI single file (`flux1-krea-dev.safetensors`): the transformer comes from it,
+    converted to diffusers names and layouts tensor by tensor; everything else from `base`.
+
+Tensors are read one at a time with `safetensors.safe_open`, so a 24 GB file never sits in RAM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import KreaLiteError
+
+DEFAULT_REPO = "black-forest-labs/FLUX.1-Krea-dev"
+COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
+# Weight file prefix per component, as diffusers/transformers name them (`<prefix>.safetensors`, or
+# `<prefix>-0000i-of-0000n.safetensors` + `<prefix>.safetensors.index.json` when sharded).
+WEIGHTS = {"transformer": "diffusion_pytorch_model", "text_encoder": "model", "text_encoder_2": "model",
+           "vae": "diffusion_pytorch_model"}
+SYNTHETIC_MARKER = "krea_lite_synthetic.json"  # written by krea_lite.synthetic: random weights
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_COMFY_PREFIX = "model.diffusion_model."
+
+# ---------------------------------------------------------------------------------------------------
+# BFL <-> diffusers names for the FLUX transformer. Each BFL key holds the listed diffusers tensors
+# concatenated along dim 0; every part but the last is `hidden` (= num_heads * head_dim) rows long
+# (fused qkv: 3 x hidden; single-block linear1: q, k, v, then the 4 x hidden MLP input).
+# Mirrors diffusers' convert_flux_transformer_checkpoint_to_diffusers.
+
+
+def _linear(bfl: str, *diffusers: str) -> list[tuple[str, tuple[str, ...]]]:
+    return [(f"{bfl}.{p}", tuple(f"{d}.{p}" for d in diffusers)) for p in ("weight", "bias")]
+
+
+_GLOBAL = [
+    *_linear("img_in", "x_embedder"),
+    *_linear("txt_in", "context_embedder"),
+    *_linear("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+    *_linear("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+    *_linear("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+    *_linear("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+    *_linear("final_layer.linear", "proj_out"),
+    *_linear("final_layer.adaLN_modulation.1", "norm_out.linear"),
+]
+_GUIDANCE = [
+    *_linear("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+    *_linear("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+]
+_DOUBLE = [
+    *_linear("img_mod.lin", "norm1.linear"),
+    *_linear("txt_mod.lin", "norm1_context.linear"),
+    *_linear("img_attn.qkv", "attn.to_q", "attn.to_k", "attn.to_v"),
+    *_linear("txt_attn.qkv", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    ("img_attn.norm.query_norm.scale", ("attn.norm_q.weight",)),
+    ("img_attn.norm.key_norm.scale", ("attn.norm_k.weight",)),
+    ("txt_attn.norm.query_norm.scale", ("attn.norm_added_q.weight",)),
+    ("txt_attn.norm.key_norm.scale", ("attn.norm_added_k.weight",)),
+    *_linear("img_attn.proj", "attn.to_out.0"),
+    *_linear("txt_attn.proj", "attn.to_add_out"),
+    *_linear("img_mlp.0", "ff.net.0.proj"),
+    *_linear("img_mlp.2", "ff.net.2"),
+    *_linear("txt_mlp.0", "ff_context.net.0.proj"),
+    *_linear("txt_mlp.2", "ff_context.net.2"),
+]
+_SINGLE = [
+    *_linear("modulation.lin", "norm.linear"),
+    *_linear("linear1", "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    ("norm.query_norm.scale", ("attn.norm_q.weight",)),
+    ("norm.key_norm.scale", ("attn.norm_k.weight",)),
+    *_linear("linear2", "proj_out"),
+]
+# BFL's final AdaLayerNorm projects to (shift, scale); diffusers' AdaLayerNormContinuous to (scale, shift).
+SWAPPED = frozenset({"final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"})
+
+
+def bfl_layout(num_layers: int, num_single_layers: int, guidance: bool = True) -> dict[str, tuple[str, ...]]:
+    """Every BFL key of a FLUX transformer -> the diffusers keys it concatenates (dim 0, in order)."""
+    out = dict(_GLOBAL + (_GUIDANCE if guidance else []))
+    for i in range(num_layers):
+        out.update((f"double_blocks.{i}.{b}", tuple(f"transformer_blocks.{i}.{d}" for d in ds)) for b, ds in _DOUBLE)
+    for i in range(num_single_layers):
+        out.update((f"single_blocks.{i}.{b}", tuple(f"single_transformer_blocks.{i}.{d}" for d in ds))
+                   for b, ds in _SINGLE)
+    return out
+
+
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """(shift, scale) <-> (scale, shift) along dim 0; its own inverse."""
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a])
+
+
+def bfl_to_diffusers(key: str, tensor: torch.Tensor, parts: tuple[str, ...], hidden: int):
+    """Split one BFL tensor into its diffusers tensors (copies, so none shares the fused storage)."""
+    if key in SWAPPED:
+        tensor = swap_halves(tensor)
+    sizes = [hidden] * (len(parts) - 1) + [tensor.shape[0] - hidden * (len(parts) - 1)]
+    return [(name, t.clone()) for name, t in zip(parts, torch.split(tensor, sizes), strict=True)]
+
+
+def diffusers_to_bfl(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The inverse of `bfl_to_diffusers`: concatenate the parts (and swap the final adaLN halves)."""
+    t = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+    return swap_halves(t) if key in SWAPPED else t
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading safetensors with one-line errors.
+
+
+@contextmanager
+def open_safetensors(path: Path):
+    """`safe_open` on the CPU; a damaged file becomes a KreaLiteError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        f = safe_open(str(path), framework="pt", device="cpu")
+    except FileNotFoundError:
+        raise KreaLiteError(f"{path} is missing; re-download it") from None
+    except (SafetensorError, OSError) as e:
+        raise KreaLiteError(f"{path} is truncated or not a safetensors file ({e}); re-download it") from None
+    with f:
+        yield f
+
+
+def _as_bf16(t: torch.Tensor) -> torch.Tensor:
+    # fp8 / fp16 / fp32 releases all become bf16, the dtype everything downstream works in
+    return t.to(torch.bfloat16) if t.is_floating_point() and t.dtype != torch.bfloat16 else t
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KreaLiteError(f"{path} is missing; the pipeline folder is incomplete (re-download it)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KreaLiteError(f"{path} is not valid JSON ({e}); re-download it") from None
+    if not isinstance(data, dict):
+        raise KreaLiteError(f"{path} is not a JSON object; re-download it")
+    return data
+
+
+def _weight_files(folder: Path, prefix: str) -> list[Path]:
+    index = folder / f"{prefix}.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise KreaLiteError(f"{index} has no weight_map; re-download it")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise KreaLiteError(f"{f} is missing (named in {index.name}); the download is incomplete, re-download it")
+        return files
+    single = folder / f"{prefix}.safetensors"
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in folder.glob("*.bin"))
+    hint = f" (found {pickles[0]}: krea-lite reads safetensors only)" if pickles else ""
+    raise KreaLiteError(f"{folder} has no {prefix}.safetensors nor {index.name}{hint}; re-download the component")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _SingleFile:
+    """The parsed header of a BFL single file: stored key -> diffusers parts, and the hidden size."""
+
+    layout: dict[str, tuple[str, ...]]
+    hidden: int
+
+
+def _read_single_file(path: Path) -> _SingleFile:
+    with open_safetensors(path) as f:
+        keys = list(f.keys())
+        prefix = _COMFY_PREFIX if any(k.startswith(_COMFY_PREFIX) for k in keys) else ""
+        # a ComfyUI checkpoint may also carry the VAE and text encoders: only its diffusion model is read
+        keys = [k for k in keys if k.startswith(prefix)]
+        names = {k[len(prefix):]: k for k in keys}
+        if any(n.endswith("scale_weight") or n == "scaled_fp8" for n in names):
+            raise KreaLiteError(f"{path} stores ComfyUI 'scaled fp8' weights, which krea-lite does not read; "
+                                "use the bf16 flux1-krea-dev.safetensors")
+        if "img_in.weight" not in names or not any(n.startswith("double_blocks.") for n in names):
+            raise KreaLiteError(f"{path} is not a FLUX transformer single file (no img_in / double_blocks.* "
+                                "tensors); pass flux1-krea-dev.safetensors or a diffusers folder")
+        hidden = f.get_slice(names["img_in.weight"]).get_shape()[0]
+
+    def count(block: str) -> int:
+        return 1 + max((int(n.split(".")[1]) for n in names if n.startswith(block)), default=-1)
+
+    expected = bfl_layout(count("double_blocks."), count("single_blocks."), guidance="guidance_in.in_layer.weight" in names)
+    if unknown := sorted(set(names) - set(expected)):
+        raise KreaLiteError(f"{path} holds {unknown[0]!r}, which is not part of a FLUX transformer; "
+                            "pass flux1-krea-dev.safetensors or a diffusers folder")
+    if missing := sorted(set(expected) - set(names)):
+        raise KreaLiteError(f"{path} lacks {missing[0]!r} ({len(missing)} FLUX tensors missing); re-download it")
+    return _SingleFile({names[n]: expected[n] for n in sorted(names)}, hidden)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved FLUX.1 pipeline: where each component's config and weights are.
+
+    `root` is a local diffusers pipeline folder. With `transformer_file` set, the transformer's
+    weights come from that BFL single file instead of `root/transformer` (only its config.json is read).
+    """
+
+    id: str
+    root: Path
+    revision: str | None = None
+    transformer_file: Path | None = None
+
+    def config(self, component: str) -> dict:
+        """The config.json of transformer / text_encoder / text_encoder_2 / vae."""
+        return _read_json(self.root / component / "config.json")
+
+    def files(self, component: str) -> list[Path]:
+        """The weight files `iter_tensors(component)` reads."""
+        if component == "transformer" and self.transformer_file:
+            return [self.transformer_file]
+        if component not in WEIGHTS:
+            raise KreaLiteError(f"{component!r} has no weights; choose one of {', '.join(WEIGHTS)}")
+        return _weight_files(self.root / component, WEIGHTS[component])
+
+    def tensor_names(self, component: str) -> list[str]:
+        """Diffusers/transformers names of the component's tensors, in `iter_tensors` order."""
+        if component == "transformer" and self.transformer_file:
+            return [n for parts in _read_single_file(self.transformer_file).layout.values() for n in parts]
+        names = []
+        for path in self.files(component):
+            with open_safetensors(path) as f:
+                names += list(f.keys())
+        return names
+
+    def iter_tensors(self, component: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (diffusers name, bf16 CPU tensor) one at a time; fused BFL tensors yield their parts."""
+        if component == "transformer" and self.transformer_file:
+            path = self.transformer_file
+            single = _read_single_file(path)
+            with open_safetensors(path) as f:
+                for key, parts in single.layout.items():
+                    yield from bfl_to_diffusers(key.removeprefix(_COMFY_PREFIX), _as_bf16(self._get(f, path, key)),
+                                                parts, single.hidden)
+            return
+        for path in self.files(component):
+            with open_safetensors(path) as f:
+                for key in f.keys():
+                    yield key, _as_bf16(self._get(f, path, key))
+
+    @staticmethod
+    def _get(f, path: Path, key: str) -> torch.Tensor:
+        try:
+            return f.get_tensor(key)
+        except Exception as e:  # SafetensorError, OSError (file shrank under us), unsupported dtype
+            raise KreaLiteError(f"{path}: tensor {key!r} cannot be read ({e}); re-download the file") from None
+
+    def describe(self) -> dict:
+        """What the manifest records: id, revision, and for a single file its name, size and sha256."""
+        out: dict = {"id": self.id, "revision": self.revision}
+        if self.transformer_file:
+            path = self.transformer_file
+            out["transformer_file"] = {"name": path.name, "size": path.stat().st_size, "sha256": _sha256(path)}
+        marker = self.root / SYNTHETIC_MARKER
+        if marker.is_file():
+            out["synthetic"] = _read_json(marker)
+        return out
+
+
+def _sha256(path: Path, chunk: int = 16 << 20) -> str:
+    from tqdm.auto import tqdm
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
+                                     desc=f"sha256 {path.name}", disable=None, leave=False) as bar:
+        while block := f.read(chunk):
+            h.update(block)
+            bar.update(len(block))
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_pipeline_folder(root: Path, transformer_weights: bool = True) -> None:
+    if not any(root.iterdir()):
+        raise KreaLiteError(f"{root} is empty; pass a FLUX diffusers folder, a .safetensors file or a repo id")
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise KreaLiteError(f"{root} has no model_index.json: not a diffusers pipeline folder; pass the folder "
+                            "holding model_index.json and transformer/, vae/, ...")
+    cls = _read_json(index).get("_class_name")
+    if cls != "FluxPipeline":
+        raise KreaLiteError(f"{index} describes a {cls!r}, not a FluxPipeline; pass a FLUX.1 pipeline")
+    for component in COMPONENTS:
+        if not (root / component).is_dir():
+            raise KreaLiteError(f"{root / component} is missing; the pipeline folder is incomplete (re-download it)")
+    for component, prefix in WEIGHTS.items():
+        if not (root / component / "config.json").is_file():
+            raise KreaLiteError(f"{root / component / 'config.json'} is missing; re-download the component")
+        if component != "transformer" or transformer_weights:
+            _weight_files(root / component, prefix)
+
+
+def _allow_patterns(transformer_weights: bool) -> list[str]:
+    patterns = ["model_index.json"] + [f"{c}/*" for c in COMPONENTS if c != "transformer"]
+    return patterns + (["transformer/*"] if transformer_weights else ["transformer/config.json"])
+
+
+def _snapshot(repo_id: str, revision: str | None, transformer_weights: bool) -> Path:
+    """The local snapshot folder of a hub repo (downloaded unless cached); errors as one line."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = f" at revision {revision!r}" if revision else ""
+    login = f"accept the licence at https://huggingface.co/{repo_id} and run `hf auth login` or set HF_TOKEN"
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_allow_patterns(transformer_weights)))
+    except GatedRepoError:
+        raise KreaLiteError(f"{repo_id} is gated and this account has no access: {login}") from None
+    except RevisionNotFoundError:
+        raise KreaLiteError(f"{repo_id} has no revision {revision!r}; check --revision") from None
+    except RepositoryNotFoundError:
+        raise KreaLiteError(f"{repo_id} was not found on the Hugging Face hub (or is private: run `hf auth login` "
+                            "or set HF_TOKEN); check the repo id, or pass a local diffusers folder") from None
+    except IncompleteSnapshotError:
+        raise KreaLiteError(f"the cached download of {repo_id}{at} is incomplete and the hub cannot be reached; "
+                            "connect to finish it, or pass a local diffusers folder") from None
+    except LocalEntryNotFoundError:
+        raise KreaLiteError(f"{repo_id}{at} is not in the local Hugging Face cache and the hub cannot be reached; "
+                            "connect, or pass a local diffusers folder") from None
+    except HFValidationError:
+        raise KreaLiteError(f"{repo_id!r} is neither an existing path nor a valid Hugging Face repo id") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403):
+            raise KreaLiteError(f"{repo_id}: the hub refused access (HTTP {status}): {login}") from None
+        raise KreaLiteError(f"{repo_id}: the Hugging Face hub answered HTTP {status}; try again later, "
+                            "or pass a local diffusers folder") from None
+
+
+def _pipeline_root(spec: str, revision: str | None, transformer_weights: bool) -> tuple[Path, str | None]:
+    """(local pipeline folder, snapshot commit) for a repo id or folder."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise KreaLiteError(f"{path} is a file, not a folder; pass a diffusers folder, a .safetensors "
+                                "single file or a repo id")
+        root, commit = path.resolve(), None
+    elif _REPO_ID.match(spec):
+        root = _snapshot(spec, revision, transformer_weights)
+        commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else revision
+    else:
+        raise KreaLiteError(f"{spec} does not exist; pass a diffusers folder, a .safetensors single file or a "
+                            "Hugging Face repo id (owner/name)")
+    _check_pipeline_folder(root, transformer_weights)
+    return root, commit
+
+
+def resolve_source(spec: str, base: str | None = None, revision: str | None = None) -> Source:
+    """Find a FLUX.1 pipeline and check it is complete, without reading any weights.
+
+    Args:
+        spec: a Hugging Face repo id ("owner/name"), a local diffusers pipeline folder, or a BFL
+            single-file transformer (`flux1-krea-dev.safetensors`).
+        base: for a single file: the repo id or folder the other components (and the transformer's
+            config.json) come from; default `DEFAULT_REPO`. Ignored otherwise.
+        revision: hub branch, tag or commit for a repo id (of `spec`, or of `base` for a single file).
+
+    Returns:
+        A `Source`. Raises KreaLiteError with one line naming the problem.
+    """
+    spec = str(spec)
+    if spec.endswith(".safetensors"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise KreaLiteError(f"{path} does not exist; pass the path of flux1-krea-dev.safetensors")
+        path = path.resolve()
+        _read_single_file(path)  # fail now on a damaged or non-FLUX file
+        base = str(base or DEFAULT_REPO)
+        if base.endswith(".safetensors"):
+            raise KreaLiteError(f"--base {base} is a single file; pass a repo id or diffusers folder for the "
+                                "VAE, text encoders and tokenizers")
+        root, commit = _pipeline_root(base, revision, transformer_weights=False)
+        return Source(id=spec, root=root, revision=commit, transformer_file=path)
+    root, commit = _pipeline_root(spec, revision, transformer_weights=True)
+    return Source(id=spec, root=root, revision=commit)
