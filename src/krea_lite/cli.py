@@ -51,7 +51,8 @@ def cmd_generate(args) -> int:
         raise KreaLiteError("give a prompt, e.g. krea-lite generate --model DIR \"a red fox in snow\", or --prompts FILE")
     prompts = ([args.prompt] if args.prompt is not None else []) + (read_prompts(args.prompts) if args.prompts else [])
     config = GenerateConfig(steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
-                            seed=args.seed, num_images=args.num_images)
+                            seed=args.seed, num_images=args.num_images,
+                            max_sequence_length=args.max_sequence_length)
     if any(not p.strip() for p in prompts):
         raise KreaLiteError("the prompt is empty; give a text prompt such as \"a red fox in snow\"")
     if args.quiet:
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=gen.guidance)
     g.add_argument("--width", type=int, default=gen.width)
     g.add_argument("--height", type=int, default=gen.height)
+    g.add_argument("--max-sequence-length", type=int, default=gen.max_sequence_length, help="T5 prompt tokens")
     g.add_argument("--num-images", type=int, default=gen.num_images, help="images per prompt (seeds seed, seed+1, ...)")
     g.add_argument("--out", default="krea-lite-out", help="output folder for PNGs")
     g.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")

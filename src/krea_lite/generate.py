@@ -24,6 +24,8 @@ class GenerateConfig:
     height: int = 1024
     seed: int = 0
     num_images: int = 1
+    max_sequence_length: int = 512  # T5 tokens; FLUX.1 [dev] was trained with 512
+
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps <= 0:
@@ -34,6 +36,8 @@ class GenerateConfig:
                 raise KreaLiteError(f"--{name} {v} must be a positive multiple of 16 (e.g. 1024)")
         if not math.isfinite(self.guidance):
             raise KreaLiteError(f"--guidance {self.guidance} must be a finite number (the model card uses 4.5)")
+        if not isinstance(self.max_sequence_length, int) or not 0 < self.max_sequence_length <= 512:
+            raise KreaLiteError(f"--max-sequence-length {self.max_sequence_length} must be between 1 and 512")
         if not isinstance(self.num_images, int) or self.num_images <= 0:
             raise KreaLiteError(f"--num-images {self.num_images} must be a positive integer")
 
@@ -114,7 +118,7 @@ def generate(pipe, prompts: list[str], config: GenerateConfig, out_dir: str | Pa
             image = pipe(
                 prompt=prompt, num_inference_steps=config.steps, guidance_scale=config.guidance,
                 width=config.width, height=config.height, generator=torch.Generator("cpu").manual_seed(seed),
-                callback_on_step_end=on_step,
+                max_sequence_length=config.max_sequence_length, callback_on_step_end=on_step,
             ).images[0]
             seconds = time.perf_counter() - start
             per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else seconds
