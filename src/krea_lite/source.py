@@ -198,10 +198,12 @@ def _read_single_file(path: Path) -> _SingleFile:
                                 "tensors); pass flux1-krea-dev.safetensors or a diffusers folder")
         hidden = f.get_slice(names["img_in.weight"]).get_shape()[0]
 
-    def count(block: str) -> int:
-        return 1 + max((int(n.split(".")[1]) for n in names if n.startswith(block)), default=-1)
+    def count(block: str) -> int:  # blocks are numbered from 0; a malformed name fails as unknown below
+        return 1 + max((int(i) for n in names if n.startswith(block) and (i := n.split(".")[1]).isdigit()),
+                       default=-1)
 
-    expected = bfl_layout(count("double_blocks."), count("single_blocks."), guidance="guidance_in.in_layer.weight" in names)
+    guidance = "guidance_in.in_layer.weight" in names
+    expected = bfl_layout(count("double_blocks."), count("single_blocks."), guidance=guidance)
     if unknown := sorted(set(names) - set(expected)):
         raise KreaLiteError(f"{path} holds {unknown[0]!r}, which is not part of a FLUX transformer; "
                             "pass flux1-krea-dev.safetensors or a diffusers folder")

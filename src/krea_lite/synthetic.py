@@ -28,9 +28,9 @@ from .source import SYNTHETIC_MARKER, bfl_layout, diffusers_to_bfl, open_safeten
 SIZES = ("tiny", "full")
 SINGLE_FILE = "flux1-krea-dev.safetensors"
 SHARD_BYTES = {"tiny": 8 << 20, "full": 5 * 10**9}  # tiny: the transformer still spans 2 shards
-# Each tensor's normal sampling is serial; the scale/cast after it uses torch's intra-op threads, so
-# one worker per two cores (on 2 cores: 4.4 s per GB of bf16 with 1 worker, 5.5 s with 2).
-WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
+# Sampling one tensor is serial (~4.4 s per GB of bf16 on one core), so tensors are made in parallel,
+# one per core, with torch's intra-op threads set to 1 meanwhile (no oversubscription).
+WORKERS = min(16, os.cpu_count() or 1)
 SHARDED = ("transformer", "text_encoder_2")  # written with an index even as one shard, like the real repo
 # transformers 5 builds CLIPTextModel without its `text_model.` module, but the real checkpoint
 # (and save_pretrained after from_pretrained) keeps the prefix; transformers maps it on load.
@@ -341,7 +341,9 @@ def write_synthetic(out: Path, size: str = "tiny", seed: int = 0, single_file: b
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.synthetic-tmp-{os.getpid()}"
     tmp.mkdir()
+    threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(1)
         with ThreadPoolExecutor(WORKERS) as pool, \
                 tqdm(total=total, unit="B", unit_scale=True, desc=f"synthetic {size}",
                      disable=None if size == "full" else True) as bar:
@@ -371,4 +373,6 @@ def write_synthetic(out: Path, size: str = "tiny", seed: int = 0, single_file: b
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        torch.set_num_threads(threads)
     return out
