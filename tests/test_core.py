@@ -10,7 +10,7 @@ from torch import nn
 
 from krea_lite.checkpoint import MANIFEST, read_tensors, verify_checkpoint
 from krea_lite.pipeline import load_component, load_pipeline
-from krea_lite.quantize import TRANSFORMER_KEEP, build_meta, keep_patterns, split_linears
+from krea_lite.quantize import TRANSFORMER_KEEP_BNB, build_meta, keep_patterns, split_linears
 from krea_lite.schemes import SCHEMES, get_scheme
 
 # Relative error of one transformer forward vs bf16 on the tiny random model. Random weights are
@@ -80,8 +80,8 @@ def test_manifest_describes_the_folder(quantized, tiny_source):
     manifest = verify_checkpoint(folder, full=True)
     t = manifest["components"]["transformer"]
     assert t["scheme"] == "nf4" and t["backend"] == "bitsandbytes"
-    assert set(t["keep_patterns"]) == set(TRANSFORMER_KEEP)
-    assert "proj_out" in t["kept_modules"] and "x_embedder" in t["kept_modules"]
+    assert set(t["keep_patterns"]) == set(TRANSFORMER_KEEP_BNB)
+    assert "x_embedder" in t["kept_modules"] and "proj_out" in t["quantized_modules"]
     assert not set(t["kept_modules"]) & set(t["quantized_modules"])
     assert any(".ff.net." in m for m in t["quantized_modules"])
     t5 = manifest["components"]["text_encoder_2"]
@@ -98,9 +98,10 @@ def test_manifest_describes_the_folder(quantized, tiny_source):
     assert t["bytes"] < t["source_bytes"] / 2
 
 
-def test_quanto_folder_has_no_library_config(quantized):
+def test_quanto_folder_keeps_final_projection_and_has_no_library_config(quantized):
     folder = quantized("qint8")
     assert "quantization_config" not in json.loads((folder / "transformer" / "config.json").read_text())
+    assert "proj_out" in json.loads((folder / MANIFEST).read_text())["components"]["transformer"]["kept_modules"]
 
 
 def test_single_file_source_gives_the_same_transformer(tiny_source, quantized, tmp_path):

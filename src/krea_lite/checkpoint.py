@@ -310,8 +310,8 @@ def verify_checkpoint(folder: str | Path, full: bool = True) -> dict:
         except (OSError, json.JSONDecodeError) as e:
             raise KreaLiteError(f"{cfg_path} cannot be read ({e}); re-create the folder") from e
         if (backend == "bitsandbytes") != (qc is not None and qc.get("quant_method") == "bitsandbytes"):
-            raise KreaLiteError(f"{cfg_path} does not match the manifest's scheme {info.get('scheme')!r} for {comp}: "
-                                "mixed folders; re-create the folder with `krea-lite quantize`")
+            raise KreaLiteError(f"{cfg_path} does not match the manifest's scheme {info.get('scheme')!r} for {comp} "
+                                "(files from different conversions?); re-create the folder with `krea-lite quantize`")
     if full:
         for rel, info in manifest["files"].items():
             if sha256_file(folder / rel) != info["sha256"]:

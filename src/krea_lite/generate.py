@@ -69,6 +69,23 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def _fall_back(pipe) -> None:
+    """After a CUDA out-of-memory error: re-place the pipeline with a more conservative plan, once."""
+    from .pipeline import place
+
+    plan = pipe.krea_lite.plan
+    if plan.conservative:
+        raise KreaLiteError("out of GPU memory even with the conservative plan; pass a smaller --vram-gb "
+                            "or generate smaller images")
+    torch.cuda.empty_cache()
+    smaller = plan.shrink()
+    print(f"krea-lite: out of GPU memory; retrying once with a more conservative plan "
+          f"(predicted peak {smaller.peak_bytes / 2**30:.2f} GiB instead of {plan.peak_bytes / 2**30:.2f})",
+          flush=True)
+    place(pipe, smaller)
+    torch.cuda.empty_cache()
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "image"
 
@@ -114,12 +131,22 @@ def generate(pipe, prompts: list[str], config: GenerateConfig, out_dir: str | Pa
                 stamps.append(time.perf_counter())
                 return kwargs
 
+            def run(prompt=prompt, seed=seed, on_step=on_step, stamps=stamps):
+                stamps.clear()
+                return pipe(
+                    prompt=prompt, num_inference_steps=config.steps, guidance_scale=config.guidance,
+                    width=config.width, height=config.height, generator=torch.Generator("cpu").manual_seed(seed),
+                    max_sequence_length=config.max_sequence_length, callback_on_step_end=on_step,
+                ).images[0]
+
             start = time.perf_counter()
-            image = pipe(
-                prompt=prompt, num_inference_steps=config.steps, guidance_scale=config.guidance,
-                width=config.width, height=config.height, generator=torch.Generator("cpu").manual_seed(seed),
-                max_sequence_length=config.max_sequence_length, callback_on_step_end=on_step,
-            ).images[0]
+            try:
+                image = run()
+            except torch.OutOfMemoryError:
+                if info is None or info.plan is None:
+                    raise
+                _fall_back(pipe)
+                image = run()
             seconds = time.perf_counter() - start
             per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else seconds
             meta = PngInfo()

@@ -27,7 +27,8 @@ class LoadInfo:
     path: Path
     manifest: dict
     device: str
-    plan: object | None = None  # plan.Plan when a VRAM budget was applied
+    plan: object | None = None  # plan.Plan (None on the CPU)
+    placement: object | None = None  # streaming.Placement: stats() of the streaming engine, remove()
 
 
 def load_component(folder: Path, component: str, info: dict) -> nn.Module:
@@ -118,19 +119,24 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
         tokenizer_2=T5TokenizerFast.from_pretrained(path / "tokenizer_2"),
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"),
     )
-    plan = place(pipe, device, vram_gb, width, height, batch)
-    pipe.krea_lite = LoadInfo(path=path, manifest=manifest, device=device, plan=plan)
+    if device == "cpu" and vram_gb is not None:
+        raise KreaLiteError("--vram-gb needs a CUDA device; drop it to run on the CPU")
+    pipe.krea_lite = LoadInfo(path=path, manifest=manifest, device=device)
+    if device != "cpu":
+        from .plan import measure, plan_for_budget
+
+        budget = None if vram_gb is None else int(vram_gb * 2**30)
+        place(pipe, plan_for_budget(measure(pipe), budget, width=width, height=height, batch=batch))
     return pipe
 
 
-def place(pipe, device: str, vram_gb: float | None, width: int, height: int, batch: int):
-    """Put the pipeline's weights on `device` for the budget; returns the plan (None on CPU)."""
-    if device == "cpu":
-        return None
-    from .plan import measure, plan_for_budget
+def place(pipe, plan) -> None:
+    """Apply a placement plan to a loaded pipeline (undoing any earlier one) and record it."""
+    from dataclasses import replace
+
     from .streaming import apply_plan
 
-    budget = None if vram_gb is None else int(vram_gb * 2**30)
-    plan = plan_for_budget(measure(pipe), budget, width=width, height=height, batch=batch)
-    apply_plan(pipe, plan, device)
-    return plan
+    info = pipe.krea_lite
+    if info.placement is not None:
+        info.placement.remove()
+    pipe.krea_lite = replace(info, plan=plan, placement=apply_plan(pipe, plan, info.device))

@@ -29,6 +29,10 @@ from .schemes import get_scheme
 # per-block modulation linears (norm1.linear, ~27% of the weights) ARE quantized: keeping them would
 # add ~6 GiB. Their effect on real images is unmeasured here (no real weights); override with --keep.
 TRANSFORMER_KEEP = ("x_embedder", "context_embedder", "time_text_embed.*", "norm_out.linear", "proj_out")
+# diffusers' bitsandbytes loader skips every Linear whose *local* name is in llm_int8_skip_modules,
+# so keeping the top-level `proj_out` (3072x64) would also keep all 38 `single_transformer_blocks.*.proj_out`
+# (3.6 GB): for folders plain diffusers must load, the final projection is quantized too.
+TRANSFORMER_KEEP_BNB = tuple(p for p in TRANSFORMER_KEEP if p != "proj_out")
 # transformers never bnb-quantizes T5's FFN output `wo` (T5's _keep_in_fp32_modules), so a bnb
 # folder that plain transformers must load has to keep it bf16 too. optimum-quanto has no such rule.
 T5_KEEP_BNB = ("encoder.block.*.layer.1.DenseReluDense.wo",)
@@ -87,9 +91,10 @@ def keep_patterns(component: str, scheme_name: str, override: tuple[str, ...] | 
         return ()
     if override is not None:
         return override
+    bnb = get_scheme(scheme_name).backend == "bitsandbytes"
     if component == "transformer":
-        return TRANSFORMER_KEEP
-    return T5_KEEP_BNB if get_scheme(scheme_name).backend == "bitsandbytes" else ()
+        return TRANSFORMER_KEEP_BNB if bnb else TRANSFORMER_KEEP
+    return T5_KEEP_BNB if bnb else ()
 
 
 def split_linears(model: nn.Module, patterns: tuple[str, ...]) -> tuple[list[str], list[str], set[str]]:
@@ -209,10 +214,10 @@ def quantize_pipeline(source: str | Path, out: str | Path, config: QuantizeConfi
 
     config = config or QuantizeConfig()
     out = Path(out)
-    src = resolve_source(str(source), base=config.base, revision=config.revision)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():  # before any download
         raise KreaLiteError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+    src = resolve_source(str(source), base=config.base, revision=config.revision)
     protect = (src.root,) + ((src.transformer_file,) if src.transformer_file else ())
     needed = _estimate_bytes(src, config)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,366 @@
+"""plan_for_budget: which weights live on the GPU, which stream, for a VRAM budget.
+
+The budget is what torch's caching allocator may reserve on the GPU, i.e. the cap that
+`torch.cuda.set_per_process_memory_fraction` enforces. The CUDA context (~0.3-0.5 GiB) lies outside
+it: on an 8 GB card, about 7 GiB is the budget.
+
+A generation has three phases, and the plan must fit the largest of them:
+    encode   CLIP, then T5 (text tokens only)
+    denoise  the transformer, once per step (the phase that must run at resident speed)
+    decode   the VAE
+Weights the transformer needs every step are the last to leave the GPU. The planner walks one fixed
+list of placements, from "everything resident" to "everything streamed", and takes the first that
+fits; so a smaller budget never streams less. In that list, things move off the GPU in the order of
+what they cost per image:
+    1. T5 streams (it runs once per prompt: ~4 GB over PCIe is ~0.2 s per prompt),
+    2. the VAE decodes in tiles,
+    3. single blocks stream, from the end of the list: a single block does the same FLOPs as a
+       double block with 2.4x fewer bytes (15 d^2 vs 36 d^2 weights), so its copy hides best
+       under compute; double blocks, the least compute per byte, stay resident the longest,
+    4. CLIP and the VAE are moved onto the GPU only while they run,
+    5. double blocks stream, from the end of the list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .errors import KreaLiteError
+
+GiB = 2**30
+TEXT_TOKENS = 512  # FLUX.1 [dev] pads the T5 prompt to 512 tokens
+
+# Activation model. First guesses, TO BE CALIBRATED on the GPU (peak allocated minus weights at
+# 1024x1024, batch 1, on an H100); every estimate the planner makes comes from these four numbers.
+STEP_ACTIVATION_BYTES = int(1.0 * GiB)  # one transformer step at 4608 tokens, batch 1
+STEP_ACTIVATION_TOKENS = 4608  # ... linear in batch * tokens (SDPA attention memory is linear)
+VAE_DECODE_BYTES_PER_PIXEL = 3.5 * GiB / (1024 * 1024)  # untiled bf16 decode, batch 1: 3.5 GiB at 1024^2
+VAE_TILED_BYTES = int(0.6 * GiB)  # tiled decode per image: 512 px tiles, independent of image size
+ENCODE_ACTIVATION_BYTES = int(0.25 * GiB)  # T5-XXL at 512 tokens (+ CLIP), per prompt
+# What the allocator reserves beyond what the estimate counts: fragmentation (reserved - allocated)
+# and the small tensors not modelled (latents, RoPE tables, scheduler state). To be calibrated too.
+MARGIN_BYTES = int(0.4 * GiB)
+
+PREFETCH = 2  # GPU slots per streamed block list: block k computes while block k+1 is copied
+PREFETCH_ROOMY = 3  # used when the budget has room for it: one more block of slack for the copies
+T5_SLOTS = 2  # T5 runs once per prompt: double buffering is plenty
+SHRINK_BLOCKS = 4  # each level of `conservative` streams this many more blocks
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Bytes of every tensor each part's forward reads (see `measure`).
+
+    Block tuples are indexed like the modules: `transformer_blocks[i]` is
+    `transformer.transformer_blocks[i]`, `t5_blocks[i]` is `text_encoder_2.encoder.block[i]`.
+    A component that is absent has size 0 (and no blocks).
+    """
+
+    transformer_blocks: tuple[int, ...]
+    single_transformer_blocks: tuple[int, ...]
+    t5_blocks: tuple[int, ...]
+    transformer_rest: int  # embedders, norm_out, proj_out
+    t5_rest: int  # shared embedding, final norm
+    text_encoder: int  # CLIP-L
+    vae: int
+    format_version: int = 1
+
+    def __post_init__(self):
+        for name in ("transformer_blocks", "single_transformer_blocks", "t5_blocks"):
+            v = getattr(self, name)
+            if not isinstance(v, tuple) or any(not isinstance(b, int) or b < 0 for b in v):
+                raise KreaLiteError(f"Sizes.{name} must be a tuple of byte counts, got {v!r}")
+        for name in ("transformer_rest", "t5_rest", "text_encoder", "vae"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise KreaLiteError(f"Sizes.{name} must be a byte count, got {v!r}")
+
+    @property
+    def transformer(self) -> int:
+        return self.transformer_rest + sum(self.transformer_blocks) + sum(self.single_transformer_blocks)
+
+    @property
+    def text_encoder_2(self) -> int:
+        return self.t5_rest + sum(self.t5_blocks)
+
+
+def measure(pipe) -> Sizes:
+    """Bytes of every component of a FluxPipeline and of every block of its three block lists.
+
+    Counts every tensor a forward reads, once: parameters, buffers, bitsandbytes quant states and
+    int8 scales, optimum-quanto's inner tensors (`streaming.leaf_tensors`).
+
+    Args:
+        pipe: a FluxPipeline (or any object with `transformer`, `text_encoder_2`, `text_encoder`,
+            `vae`; a missing or None component counts 0). Call it before `apply_plan`.
+    """
+    from .streaming import leaf_tensors, nbytes
+
+    def blocks_and_rest(module, lists):
+        if module is None:
+            return [()] * len(lists), 0
+        sizes, inside = [], set()
+        for get in lists:
+            blocks = get(module)
+            sizes.append(tuple(nbytes(leaf_tensors(b)) for b in blocks))
+            inside |= {id(t) for b in blocks for t in leaf_tensors(b)}
+        rest = nbytes([t for t in leaf_tensors(module) if id(t) not in inside])
+        return sizes, rest
+
+    tr, t5 = getattr(pipe, "transformer", None), getattr(pipe, "text_encoder_2", None)
+    (double, single), tr_rest = blocks_and_rest(
+        tr, [lambda m: m.transformer_blocks, lambda m: m.single_transformer_blocks])
+    (t5_blocks,), t5_rest = blocks_and_rest(t5, [lambda m: m.encoder.block])
+    whole = {n: getattr(pipe, n, None) for n in ("text_encoder", "vae")}
+    return Sizes(
+        transformer_blocks=double, single_transformer_blocks=single, t5_blocks=t5_blocks,
+        transformer_rest=tr_rest, t5_rest=t5_rest,
+        **{n: 0 if m is None else nbytes(leaf_tensors(m)) for n, m in whole.items()},
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where every weight lives. Build it with `plan_for_budget`; apply it with `streaming.apply_plan`.
+
+    Blocks not listed as streamed stay resident on the GPU. Streamed blocks live in pinned host
+    memory and are copied into `prefetch` GPU slots per list, just before they run.
+    """
+
+    sizes: Sizes
+    budget_bytes: int | None  # allocator cap; None: no limit
+    width: int
+    height: int
+    batch: int
+    streamed_double: tuple[int, ...]  # indices into transformer.transformer_blocks
+    streamed_single: tuple[int, ...]  # indices into transformer.single_transformer_blocks
+    prefetch: int  # GPU slots per streamed transformer list
+    t5_streamed: bool  # False: T5 resident on the GPU; True: on the GPU only while encoding, blocks 1.. streamed
+    clip_on_gpu: bool  # False: moved onto the GPU only while encoding
+    vae_on_gpu: bool  # False: moved onto the GPU only while decoding
+    vae_tiled: bool  # vae.enable_tiling()
+    step_activation_bytes: int
+    decode_activation_bytes: int
+    encode_activation_bytes: int
+    margin_bytes: int
+    phase_bytes: tuple[tuple[str, int], ...]  # predicted peak of each phase, margin excluded
+    conservative: int = 0
+    format_version: int = 1
+
+    def __post_init__(self):
+        for name, n in (("streamed_double", len(self.sizes.transformer_blocks)),
+                        ("streamed_single", len(self.sizes.single_transformer_blocks))):
+            idx = getattr(self, name)
+            if any(not 0 <= i < n for i in idx) or list(idx) != sorted(set(idx)):
+                raise KreaLiteError(f"Plan.{name}={idx} must be sorted, distinct block indices below {n}")
+        if self.prefetch < 1:
+            raise KreaLiteError(f"Plan.prefetch={self.prefetch} must be at least 1")
+        if self.t5_streamed and len(self.sizes.t5_blocks) < 2:
+            raise KreaLiteError("Plan.t5_streamed needs a T5 with at least 2 blocks (block 0 stays with the rest)")
+
+    @property
+    def resident_double(self) -> tuple[int, ...]:
+        return tuple(i for i in range(len(self.sizes.transformer_blocks)) if i not in self.streamed_double)
+
+    @property
+    def resident_single(self) -> tuple[int, ...]:
+        return tuple(i for i in range(len(self.sizes.single_transformer_blocks)) if i not in self.streamed_single)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The predicted peak of the allocator's use (largest phase), margin excluded."""
+        return max(b for _, b in self.phase_bytes)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phase_bytes, key=lambda p: p[1])[0]
+
+    def shrink(self) -> Plan:
+        """A more conservative plan for the same inputs, to retry after a CUDA out-of-memory error:
+        one more margin, tiled VAE, `SHRINK_BLOCKS` more streamed blocks. Raises KreaLiteError when
+        nothing smaller fits."""
+        smaller = plan_for_budget(self.sizes, self.budget_bytes, width=self.width, height=self.height,
+                                  batch=self.batch, conservative=self.conservative + 1)
+        if (smaller.streamed_double, smaller.streamed_single, smaller.vae_tiled) == (
+                self.streamed_double, self.streamed_single, self.vae_tiled) and self.conservative:
+            raise KreaLiteError(f"out of GPU memory with every block already streamed at a budget of "
+                                f"{self.budget_bytes / GiB:.2f} GiB; give a smaller --vram-gb or smaller images")
+        return smaller
+
+    def table(self) -> str:
+        """A short table: component, where it lives, GiB."""
+        s = self.sizes
+
+        def gib(n):
+            return f"{n / GiB:6.2f}"
+
+        def span(idx):
+            runs, start = [], None
+            for a, b in zip(idx, [*idx[1:], None], strict=True):
+                start = a if start is None else start
+                if b != a + 1:
+                    runs.append(f"{start}" if start == a else f"{start}-{a}")
+                    start = None
+            return ",".join(runs)
+
+        rows = [("transformer (embedders, norm_out)", "gpu", s.transformer_rest)] if s.transformer else []
+        for name, sizes, streamed in (("transformer_blocks", s.transformer_blocks, self.streamed_double),
+                                      ("single_transformer_blocks", s.single_transformer_blocks,
+                                       self.streamed_single)):
+            resident = [i for i in range(len(sizes)) if i not in streamed]
+            if resident:
+                rows.append((f"{name} {span(resident)}", "gpu", sum(sizes[i] for i in resident)))
+            if streamed:
+                slots = self.prefetch * max(sizes[i] for i in streamed)
+                rows.append((f"{name} {span(list(streamed))}",
+                             f"streamed, {self.prefetch} slots ({gib(slots).strip()} GiB)",
+                             sum(sizes[i] for i in streamed)))
+        if s.text_encoder_2:
+            where = (f"gpu while encoding, blocks 1-{len(s.t5_blocks) - 1} streamed, {T5_SLOTS} slots"
+                     if self.t5_streamed else "gpu")
+            rows.append(("text_encoder_2 (T5)", where, s.text_encoder_2))
+        if s.text_encoder:
+            rows.append(("text_encoder (CLIP)", "gpu" if self.clip_on_gpu else "gpu while encoding", s.text_encoder))
+        if s.vae:
+            where = ("gpu" if self.vae_on_gpu else "gpu while decoding") + (", tiled" if self.vae_tiled else "")
+            rows.append(("vae", where, s.vae))
+        width = max(len(r[0]) for r in rows) + 2
+        wide = max(len(r[1]) for r in rows) + 2
+        budget = "no limit" if self.budget_bytes is None else f"{self.budget_bytes / GiB:.2f} GiB"
+        lines = [f"plan for {self.width}x{self.height}, batch {self.batch}, budget {budget}"
+                 + (f" (conservative {self.conservative})" if self.conservative else ""),
+                 f"{'component':<{width}}{'where':<{wide}}{'GiB':>6}"]
+        lines += [f"{a:<{width}}{b:<{wide}}{gib(c)}" for a, b, c in rows]
+        lines.append(f"{'activations':<{width}}{'step / decode / encode':<{wide}}"
+                     f"{gib(self.step_activation_bytes)} / {self.decode_activation_bytes / GiB:.2f}"
+                     f" / {self.encode_activation_bytes / GiB:.2f}")
+        lines.append(f"{'margin':<{width}}{'':<{wide}}{gib(self.margin_bytes)}")
+        phases = ", ".join(f"{p} {b / GiB:.2f}" for p, b in self.phase_bytes)
+        lines.append(f"{'predicted peak':<{width}}{self.peak_phase:<{wide}}{gib(self.peak_bytes)}  ({phases})")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Choice:
+    t5_streamed: bool
+    vae_tiled: bool
+    clip_on_gpu: bool
+    vae_on_gpu: bool
+    n_single: int  # streamed from the end of single_transformer_blocks
+    n_double: int  # streamed from the end of transformer_blocks
+    prefetch: int = PREFETCH
+
+
+def _choices(s: Sizes) -> list[_Choice]:
+    """Every placement the planner considers, from everything resident to everything streamed."""
+    can_t5 = len(s.t5_blocks) >= 2
+    out = [_Choice(False, False, True, True, 0, 0)]
+    if can_t5:
+        out.append(_Choice(True, False, True, True, 0, 0))
+    out.append(_Choice(can_t5, True, True, True, 0, 0))
+    n_s, n_d = len(s.single_transformer_blocks), len(s.transformer_blocks)
+    out += [_Choice(can_t5, True, True, True, k, 0) for k in range(1, n_s + 1)]
+    out.append(_Choice(can_t5, True, False, False, n_s, 0))
+    out += [_Choice(can_t5, True, False, False, n_s, k) for k in range(1, n_d + 1)]
+    return out
+
+
+def _phases(s: Sizes, c: _Choice, step_act: int, decode_act: int, encode_act: int) -> tuple[tuple[str, int], ...]:
+    def transformer_part(sizes, n):
+        resident, streamed = sizes[:len(sizes) - n], sizes[len(sizes) - n:]
+        return sum(resident) + (c.prefetch * max(streamed) if streamed else 0)
+
+    transformer = (s.transformer_rest + transformer_part(s.transformer_blocks, c.n_double)
+                   + transformer_part(s.single_transformer_blocks, c.n_single))
+    t5_on_demand = (s.t5_rest + s.t5_blocks[0] + T5_SLOTS * max(s.t5_blocks[1:])) if c.t5_streamed else 0
+    always = (transformer + (0 if c.t5_streamed else s.text_encoder_2)
+              + (s.text_encoder if c.clip_on_gpu else 0) + (s.vae if c.vae_on_gpu else 0))
+    encode = (max(t5_on_demand, 0 if c.clip_on_gpu else s.text_encoder) + encode_act
+              if s.text_encoder or s.text_encoder_2 else 0)
+    decode = (0 if c.vae_on_gpu else s.vae) + decode_act if s.vae else 0
+    return (("encode", always + encode), ("denoise", always + step_act), ("decode", always + decode))
+
+
+def _free_cuda_bytes() -> int | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.mem_get_info()[0]
+
+
+def plan_for_budget(sizes: Sizes, budget_bytes: int | None, width: int = 1024, height: int = 1024,
+                    batch: int = 1, conservative: int = 0) -> Plan:
+    """Decide which weights stay on the GPU and which stream, for a VRAM budget.
+
+    Args:
+        sizes: from `measure(pipe)`.
+        budget_bytes: what torch's caching allocator may reserve (the cap of
+            `torch.cuda.set_per_process_memory_fraction`; the CUDA context is outside it).
+            None: what the current CUDA device has free, or no limit when there is no CUDA device.
+        width, height, batch: the largest images that will be generated; activations are planned
+            for them.
+        conservative: 0 for the normal plan; each level adds one more margin, tiles the VAE and
+            streams `SHRINK_BLOCKS` more blocks (what `Plan.shrink` asks for after an OOM).
+
+    Returns:
+        The first placement, from everything resident towards everything streamed, whose predicted
+        peak plus margin fits the budget.
+
+    Raises:
+        KreaLiteError: nothing fits; the message says the smallest budget that would.
+    """
+    for name, v in (("width", width), ("height", height)):
+        if not isinstance(v, int) or v <= 0 or v % 16:
+            raise KreaLiteError(f"{name} {v} must be a positive multiple of 16 (e.g. 1024)")
+    if not isinstance(batch, int) or batch <= 0:
+        raise KreaLiteError(f"batch {batch} must be a positive integer")
+    if budget_bytes is not None and budget_bytes <= 0:
+        raise KreaLiteError(f"the VRAM budget must be positive, got {budget_bytes / GiB:.2f} GiB")
+    if conservative < 0:
+        raise KreaLiteError(f"conservative={conservative} must be 0 or more")
+    budget = _free_cuda_bytes() if budget_bytes is None else budget_bytes
+
+    tokens = batch * ((height // 16) * (width // 16) + TEXT_TOKENS)
+    step_act = STEP_ACTIVATION_BYTES * tokens // STEP_ACTIVATION_TOKENS
+    untiled = int(VAE_DECODE_BYTES_PER_PIXEL * width * height * batch)
+    tiled = min(untiled, VAE_TILED_BYTES * batch)
+    encode_act = ENCODE_ACTIVATION_BYTES * batch
+    margin = MARGIN_BYTES * (1 + conservative)
+
+    def evaluate(c: _Choice):
+        phases = _phases(sizes, c, step_act, tiled if c.vae_tiled else untiled, encode_act)
+        return phases, budget is None or max(b for _, b in phases) + margin <= budget
+
+    choices = _choices(sizes)
+    if conservative:
+        first_tiled = next(i for i, c in enumerate(choices) if c.vae_tiled)
+        choices = choices[first_tiled:]
+    found = next((i for i, c in enumerate(choices) if evaluate(c)[1]), None)
+    if found is None:
+        need = max(b for _, b in evaluate(choices[-1])[0]) + margin
+        raise KreaLiteError(
+            f"a VRAM budget of {budget / GiB:.2f} GiB is too small for {width}x{height}, batch {batch}: even with "
+            f"every block streamed and a tiled VAE it needs {need / GiB:.2f} GiB; give at least "
+            f"--vram-gb {(need + GiB // 20) / GiB:.1f}, or generate smaller images")
+    if conservative:
+        # Move SHRINK_BLOCKS further along the streaming part of the list, then on to the next that fits.
+        first_stream = next((i for i, c in enumerate(choices) if c.n_single or c.n_double), len(choices) - 1)
+        start = max(found, first_stream - 1) + SHRINK_BLOCKS * conservative
+        found = next((i for i in range(min(start, len(choices) - 1), len(choices)) if evaluate(choices[i])[1]),
+                     found)
+    choice = choices[found]
+    if not conservative and (choice.n_single or choice.n_double):
+        roomy = replace(choice, prefetch=PREFETCH_ROOMY)
+        choice = roomy if evaluate(roomy)[1] else choice
+    phases = evaluate(choice)[0]
+    n_d, n_s = len(sizes.transformer_blocks), len(sizes.single_transformer_blocks)
+    return Plan(
+        sizes=sizes, budget_bytes=budget, width=width, height=height, batch=batch,
+        streamed_double=tuple(range(n_d - choice.n_double, n_d)),
+        streamed_single=tuple(range(n_s - choice.n_single, n_s)),
+        prefetch=choice.prefetch, t5_streamed=choice.t5_streamed, clip_on_gpu=choice.clip_on_gpu,
+        vae_on_gpu=choice.vae_on_gpu, vae_tiled=choice.vae_tiled and untiled > tiled and sizes.vae > 0,
+        step_activation_bytes=step_act, decode_activation_bytes=tiled if choice.vae_tiled else untiled,
+        encode_activation_bytes=encode_act, margin_bytes=margin, phase_bytes=phases, conservative=conservative,
+    )

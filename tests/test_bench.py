@@ -1,0 +1,181 @@
+"""krea-lite bench: the harness (children, crashes, resume, reports) and the README generator.
+
+The fast tests need no model. The slow one runs the real matrix on the tiny synthetic pipeline on
+the CPU (budgets and CUDA-only anchors are recorded as skipped there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from krea_lite import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def _render_readme():
+    spec = importlib.util.spec_from_file_location("render_readme", ROOT / "scripts" / "render_readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# fast: no model, no child
+
+
+def test_import_is_light():
+    code = "import sys, krea_lite.bench; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "src")})
+
+
+def test_ssim_and_psnr():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    assert bench.ssim(a, a) == pytest.approx(1.0)
+    assert bench.psnr(a, a) is None  # identical: no finite PSNR
+    noisy = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    assert 0 < bench.ssim(a, noisy) < 1
+    assert bench.ssim(a, noisy) > bench.ssim(a, rng.integers(0, 256, a.shape, dtype=np.uint8))
+    mse = np.mean((a.astype(float) - noisy) ** 2)
+    assert bench.psnr(a, noisy) == pytest.approx(10 * np.log10(255**2 / mse))
+
+
+def test_quick_matrix_order():
+    s = bench._settings(_args("--quick"))
+    cells = bench.plan_cells(s, ["nf4", "int8"], have_source=True, have={"bf16": True, "nf4": True})
+    ids = [c["id"] for c in cells]
+    assert len(ids) == len(set(ids))
+    assert ids[:4] == [f"krea nf4 {b} 1024x1024 b1" for b in ("none", "8GiB", "6GiB", "4GiB")]
+    assert [c["kind"] for c in cells[4:10]] == ["anchor"] * 5 + ["ref"]
+    assert ids[10] == "krea int8 none 1024x1024 b1"  # other schemes before other resolutions
+    assert {c["width"] for c in cells if c["kind"] == "anchor"} == {1024}
+    assert s["steps"] == 3 and s["e2e_steps"] == 4 and s["time_budget"] == 540
+    # a flag beats the preset
+    assert bench._settings(_args("--quick", "--budgets", "none", "12"))["budgets"] == [None, 12.0]
+
+
+def _doc() -> dict:
+    """A result document as `run` writes it, with two budgets, anchors, a crash and fidelity."""
+    def cell(kind, name, budget, **metrics):
+        bn = bench._budget_name(budget)
+        return {"id": f"{kind} {name} {bn} 1024x1024 b1", "kind": kind, "name": name, "budget_gib": budget,
+                "width": 1024, "height": 1024, "batch": 1, "e2e_steps": 4, "status": "ok", "metrics": metrics}
+
+    crash = cell("anchor", "nf4_group_block_stream", None)
+    crash.update(status="crash", error="RuntimeError: CUDA error: an illegal memory access was encountered")
+    return {
+        "format_version": 1, "date": "2026-11-27T10:00:00Z", "label": bench.SYNTHETIC_LABEL, "synthetic": True,
+        "env": {"gpu": "NVIDIA H100 80GB HBM3", "driver": "580.159.04", "cuda_version": "13.0", "h2d_gbps": 50.0,
+                "torch": "2.11.0", "diffusers": "0.42.1", "commit": "abc123"},
+        "settings": {"preset": "quick", "resolutions": [[1024, 1024]], "batches": [1], "budgets": [None, 8, 4]},
+        "models": {"nf4": {"size_gib": 9.1}},
+        "cells": [
+            cell("krea", "nf4", None, s_per_step=0.18, peak_reserved_gib=14.0, e2e_s=2.0, streamed_gib=0.0),
+            cell("krea", "nf4", 8, s_per_step=0.19, peak_reserved_gib=7.5, e2e_s=2.1, streamed_gib=2.0),
+            cell("krea", "nf4", 4, s_per_step=0.30, peak_reserved_gib=3.9, e2e_s=2.9, streamed_gib=5.5),
+            cell("anchor", "bf16_resident", None, s_per_step=0.172, peak_reserved_gib=23.0), crash,
+        ],
+    }
+
+
+def test_reports_label_and_dominance(tmp_path):
+    doc = _doc()
+    section = bench.render_section(doc, "r")
+    assert section.startswith(f"**{bench.SYNTHETIC_LABEL}**") and "NVIDIA H100" in section
+    assert "CUDA error: an illegal memory access" in section and "1.05x" in section  # nf4 none vs bf16
+    dom = bench.dominance(doc)
+    assert len(dom) == 2
+    assert "8 GiB" in dom[0] and "compute dominates" in dom[0] and "overlap poorly" not in dom[0]
+    assert "4 GiB" in dom[1] and "compute dominates" in dom[1] and "0.118 s" in dom[1]  # 5.5 GiB / 50 GB/s
+    assert "overlap poorly" in dom[1]  # 0.30 s measured, 0.18 s compute
+    doc["env"]["h2d_gbps"] = 20.0
+    assert "weight traffic dominates" in bench.dominance(doc)[1]  # 0.295 s of copy > 0.18 s of compute
+    paths = bench.save_reports(doc, tmp_path / "r.json", plots=True)
+    assert [p.name for p in paths] == ["r.json", "r.md", "r-vram.png", "r-budget.png", "r-tokens.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_render_readme_replaces_only_the_marked_section(tmp_path):
+    rr = _render_readme()
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "old.json").write_text(json.dumps({**_doc(), "date": "2026-01-01T00:00:00Z"}))
+    (results / "new.json").write_text(json.dumps(_doc()))
+    readme = tmp_path / "README.md"
+    before, after = "# krea-lite\n\nintro\n\n", "\n\n## Later\ntext\n"
+    readme.write_text(f"{before}{rr.START}\nstale\n{rr.END}{after}")
+    args = ["--readme", str(readme), "--results", str(results)]
+    assert rr.main(args) == 0
+    first = readme.read_text()
+    assert first.startswith(before + rr.START) and first.endswith(rr.END + after) and "stale" not in first
+    assert "benchmarks/results/new-vram.png" in first and "2026-11-27" in first
+    assert rr.main(args) == 0 and readme.read_text() == first  # deterministic
+    assert rr.main(args + ["--check"]) == 0
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit) as e:
+        rr.main(args)
+    assert "bench:start" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# slow: the real harness, children and all, on the tiny synthetic pipeline (CPU)
+
+
+@pytest.mark.slow
+def test_bench_tiny_cpu_crash_and_resume(tiny_source, tmp_path, monkeypatch):
+    out = tmp_path / "results" / "tiny.json"
+    argv = ["--source", str(tiny_source), "--workdir", str(tmp_path / "work"), "--schemes", "nf4",
+            "--budgets", "none", "8", "--resolutions", "64x64", "80x48", "--batches", "1", "--steps", "2",
+            "--warmup", "1", "--e2e-steps", "2", "--text-tokens", "8", "--anchors", "bf16_resident",
+            "nf4_group_leaf_stream", "--anchor-resolution", "64x64", "--device", "cpu", "--cell-timeout", "300", "--out", str(out)]
+    monkeypatch.setenv(bench.ABORT_ENV, "krea nf4 none 80x48")  # this child calls os.abort()
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
+    assert bench.run(_args(*argv)) == 0
+
+    doc = json.loads(out.read_text())
+    cells = {c["id"]: c for c in doc["cells"]}
+    assert set(cells) == {"krea nf4 none 64x64 b1", "krea nf4 8GiB 64x64 b1", "krea nf4 none 80x48 b1",
+                          "krea nf4 8GiB 80x48 b1", "anchor bf16_resident 64x64 b1",
+                          "anchor nf4_group_leaf_stream 64x64 b1", "ref bf16 64x64 b1", "ref bf16 80x48 b1"}
+    assert doc["label"] == bench.SYNTHETIC_LABEL and doc["synthetic"] is True
+    assert doc["prepare"]["quantize nf4"]["status"] == "ok"
+    ok = cells["krea nf4 none 64x64 b1"]
+    assert ok["status"] == "ok", ok.get("error")
+    m = ok["metrics"]
+    assert m["s_per_step"] > 0 and len(m["step_times_s"]) == 2 and m["e2e_s"] > 0 and m["load_s"] > 0
+    assert m["host_rss_peak_gib"] > 0 and doc["models"]["nf4"]["size_gib"] > 0
+    assert 0 < ok["fidelity"]["latent_rel_err"] < 2 and 0 < ok["fidelity"]["step_rel_err"] < 1
+    assert -1 <= ok["fidelity"]["ssim"] <= 1
+    crashed = cells["krea nf4 none 80x48 b1"]
+    assert crashed["status"] == "crash" and "SIGABRT" in crashed["error"]
+    assert cells["ref bf16 80x48 b1"]["status"] == "ok"  # the run went on after the crash
+    assert cells["krea nf4 8GiB 64x64 b1"]["status"] == "skipped" and "CUDA" in cells["krea nf4 8GiB 64x64 b1"][
+        "error"]
+    assert cells["anchor nf4_group_leaf_stream 64x64 b1"]["status"] == "skipped"
+    assert cells["anchor bf16_resident 64x64 b1"]["status"] == "ok"
+    for suffix in (".md", "-vram.png", "-budget.png", "-tokens.png"):
+        assert out.with_name(out.stem + suffix).stat().st_size > 0
+    assert bench.SYNTHETIC_LABEL in out.with_suffix(".md").read_text()
+
+    # --resume: every measured (and crashed) cell is kept; a child started for one would abort.
+    monkeypatch.setenv(bench.ABORT_ENV, " ")  # every matrix cell id holds a space ("env" does not)
+    assert bench.run(_args(*argv, "--resume")) == 0
+    again = {c["id"]: c for c in json.loads(out.read_text())["cells"]}
+    assert {k: c["status"] for k, c in again.items()} == {k: c["status"] for k, c in cells.items()}
+    assert again["krea nf4 none 64x64 b1"]["metrics"] == m

@@ -1,0 +1,384 @@
+"""CPU tests of the streaming engine: leaf tensors, packing, and streamed == resident, bit for bit.
+
+On a CPU device the engine runs its bookkeeping synchronously (same slots, twins, prefetch order as
+on CUDA, without streams and pinning). The helpers here are reused by test_streaming_gpu.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import types
+
+import pytest
+import torch
+from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from krea_lite.errors import KreaLiteError
+from krea_lite.plan import Sizes, measure, plan_for_budget
+from krea_lite.streaming import StreamedBlock, _pack, apply_plan, leaf_tensors, nbytes
+
+SCHEMES = ("nf4", "int8", "qint8", "qint4", "bf16")
+
+
+def quantize_linear(linear: nn.Linear, scheme: str, device: str = "cpu") -> nn.Module:
+    """`linear` (bf16) as the library module of `scheme`, quantized on `device`."""
+    import bitsandbytes as bnb
+
+    w, b = linear.weight.data.to(device), None if linear.bias is None else linear.bias.data.to(device)
+    if scheme == "nf4":
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=b is not None, compute_dtype=torch.bfloat16,
+                              compress_statistics=True, quant_type="nf4", device="meta")
+        q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True, module=q)
+        q.support_avx512bf16_for_cpu = False  # the AVX512 path repacks weights in place on the first CPU forward
+    elif scheme == "int8":
+        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=b is not None, has_fp16_weights=False,
+                                threshold=6.0, device="meta")
+        q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    elif scheme in ("qint8", "qint4"):
+        from optimum.quanto import freeze, qtypes, quantize
+
+        holder = nn.Sequential(linear.to(device))
+        quantize(holder, weights=qtypes[scheme])
+        freeze(holder)
+        return holder[0].requires_grad_(False)
+    else:
+        return linear.to(device).requires_grad_(False)
+    if b is not None:
+        q.bias = nn.Parameter(b, requires_grad=False)
+    return nn.Module.to(q, device)  # bitsandbytes quantizes here
+
+
+def quantize_blocks(blocks, schemes=SCHEMES, device: str = "cpu") -> None:
+    """Replace the j-th Linear of every block by scheme schemes[j % len]: same layout in every block."""
+    for block in blocks:
+        names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+        for j, name in enumerate(names):
+            block.set_submodule(name, quantize_linear(block.get_submodule(name), schemes[j % len(schemes)], device))
+
+
+def tiny_flux(schemes=SCHEMES, layers: int = 4, single_layers: int = 5, head_dim: int = 32, heads: int = 2):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    rope = [head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8]
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=layers, num_single_layers=single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=64,
+        pooled_projection_dim=64, axes_dims_rope=rope, guidance_embeds=True,
+    ).to(torch.bfloat16).eval().requires_grad_(False)
+    quantize_blocks(model.transformer_blocks, schemes)
+    quantize_blocks(model.single_transformer_blocks, schemes)
+    return model
+
+
+def flux_inputs(device: str = "cpu", image_tokens: int = 16, text_tokens: int = 8) -> dict:
+    g = torch.Generator().manual_seed(1)
+    out = dict(
+        hidden_states=torch.randn(1, image_tokens, 64, generator=g), encoder_hidden_states=torch.randn(
+            1, text_tokens, 64, generator=g), pooled_projections=torch.randn(1, 64, generator=g),
+    )
+    out = {k: v.to(device, torch.bfloat16) for k, v in out.items()}
+    ids = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(image_tokens // 4), indexing="ij"), -1)
+    return dict(out, timestep=torch.tensor([0.5], device=device), guidance=torch.tensor([3.5], device=device),
+                img_ids=torch.cat([torch.zeros(image_tokens, 1), ids.reshape(-1, 2)], 1).to(device),
+                txt_ids=torch.zeros(text_tokens, 3, device=device), return_dict=False)
+
+
+def tiny_t5(schemes=("nf4", "int8", "qint8", "bf16")):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=256, num_layers=4, num_heads=4,
+                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+                   relative_attention_max_distance=16, dropout_rate=0.0)
+    model = T5EncoderModel(cfg).to(torch.bfloat16).eval().requires_grad_(False)
+    quantize_blocks(model.encoder.block[1:], schemes)  # block 0 (relative attention bias) is laid out differently
+    quantize_blocks(model.encoder.block[:1], schemes)
+    return model
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def streamed_plan(pipe, double=(), single=(), prefetch=2, t5=False):
+    base = plan_for_budget(measure(pipe), None)  # no CUDA here: no limit, everything resident
+    return dataclasses.replace(base, streamed_double=tuple(double), streamed_single=tuple(single),
+                               prefetch=prefetch, t5_streamed=t5)
+
+
+# --- leaf_tensors and packing -------------------------------------------------------------------
+
+
+def _one_linear(scheme: str) -> nn.Module:
+    torch.manual_seed(0)
+    return quantize_linear(nn.Linear(256, 128).to(torch.bfloat16), scheme)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_leaf_tensors_cover_what_the_forward_reads(scheme):
+    m = _one_linear(scheme)
+    ids = {id(t) for t in leaf_tensors(m)}
+    w = m.weight
+    if scheme == "nf4":
+        qs = w.quant_state
+        expected = [w, qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code]
+    elif scheme == "int8":
+        expected = [w, w.CB, w.SCB]  # CB shares the weight's storage: packed once (see _layout)
+    elif scheme == "qint8":
+        expected = [w._data, w._scale, m.input_scale, m.output_scale]
+    elif scheme == "qint4":
+        expected = [w._data._data, w._scale_shift]  # TinyGemm (group 128, bf16): packed int4 + scale/shift
+    else:
+        expected = [w]
+    assert all(id(t) in ids for t in [*expected, m.bias])
+    assert all(type(t) is not torch.Tensor or not hasattr(type(t), "__tensor_flatten__") for t in leaf_tensors(m))
+    if scheme == "int8":  # after the first forward bitsandbytes keeps CB/SCB in module.state
+        m(torch.randn(2, 256, dtype=torch.bfloat16))
+        ids = {id(t) for t in leaf_tensors(m)}
+        assert id(m.state.CB) in ids and id(m.state.SCB) in ids
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_nbytes_counts_quantized_bytes_once(scheme):
+    m = _one_linear(scheme)
+    got = nbytes(leaf_tensors(m))
+    weights = 128 * 256
+    per_weight = {"nf4": 0.5, "int8": 1, "qint8": 1, "qint4": 0.5, "bf16": 2}[scheme]
+    assert weights * per_weight <= got <= weights * per_weight + 8 * 256 + 2 * 128 * 4  # + scales, alignment
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_pack_keeps_outputs_and_frees_the_original_storage(scheme):
+    m = _one_linear(scheme)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = m(x)
+    tensors = leaf_tensors(m)
+    old = [StorageWeakRef(t.untyped_storage()) for t in tensors]
+    buf = torch.empty(nbytes(tensors), dtype=torch.uint8)
+    _pack(m, buf)
+    gc.collect()
+    assert all(r.expired() for r in old)
+    lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel()
+    assert all(lo <= t.data_ptr() < hi for t in leaf_tensors(m))
+    with torch.no_grad():
+        assert same_bits(m(x), before)
+
+
+# --- the engine on a tiny FLUX transformer --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flux():
+    model = tiny_flux()
+    with torch.no_grad():
+        ref = model(**flux_inputs())[0]
+    return model, ref
+
+
+@pytest.mark.parametrize("double, single, prefetch", [
+    ((1, 2, 3), (0, 1, 2, 3, 4), 2),  # nearly everything streamed, double buffering
+    ((), (2, 3, 4), 1),  # one slot: no overlap, still exact
+    ((0, 1, 2, 3), (1, 2, 3, 4), 3),
+    ((3,), (), 2),  # one block, slots clamp to 1
+])
+def test_streamed_forward_equals_resident_bit_for_bit(flux, double, single, prefetch):
+    model, ref = flux
+    pipe = types.SimpleNamespace(transformer=model)
+    originals = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+    placement = apply_plan(pipe, streamed_plan(pipe, double, single, prefetch), "cpu")
+    try:
+        streamers = placement.streamers
+        assert all(isinstance(model.transformer_blocks[i], StreamedBlock) for i in double)
+        assert all(isinstance(model.single_transformer_blocks[i], StreamedBlock) for i in single)
+        slot_ptrs = {k: [s.data_ptr() for s in v.slots] for k, v in streamers.items()}
+        with torch.no_grad():
+            for step in range(3):
+                assert same_bits(model(**flux_inputs())[0], ref), f"step {step}"
+                for name, s in streamers.items():
+                    assert [x.data_ptr() for x in s.slots] == slot_ptrs[name]  # slots allocated once
+                    assert len(s.where) <= s.p and not s._waits  # no growth
+                    st = s.stats()
+                    n = len(double if name == "transformer_blocks" else single)
+                    assert st["misses"] == 0
+                    assert st["copies"] == (step + 1) * n if n > s.p else st["copies"] == 0
+                    assert st["bytes_copied"] == st["copies"] * st["slot_bytes"]
+    finally:
+        placement.remove()
+    assert list(model.transformer_blocks) + list(model.single_transformer_blocks) == originals
+    with torch.no_grad():
+        assert same_bits(model(**flux_inputs())[0], ref)
+
+
+def test_parked_blocks_hold_no_memory_and_host_copy_is_one_buffer(flux):
+    model, _ = flux
+    pipe = types.SimpleNamespace(transformer=model)
+    placement = apply_plan(pipe, streamed_plan(pipe, single=(0, 1, 2, 3, 4)), "cpu")
+    try:
+        s = placement.streamers["single_transformer_blocks"]
+        assert s.host.numel() == s.n * s.stride  # one buffer, 1x the packed bytes (+ alignment)
+        for block in s.parked.values():
+            assert all(t.numel() == 0 or t.data_ptr() == s._park.data_ptr() for t in leaf_tensors(block))
+        for twin, slot in zip(s.twins, s.slots, strict=True):
+            lo, hi = slot.data_ptr(), slot.data_ptr() + slot.numel()
+            assert all(lo <= t.data_ptr() < hi for t in leaf_tensors(twin))
+    finally:
+        placement.remove()
+
+
+def test_out_of_order_call_reloads_and_stays_exact(flux):
+    model, ref = flux
+    pipe = types.SimpleNamespace(transformer=model)
+    placement = apply_plan(pipe, streamed_plan(pipe, single=(1, 2, 3, 4)), "cpu")
+    try:
+        s = placement.streamers["single_transformer_blocks"]
+        x = torch.randn(1, 24, 64, dtype=torch.bfloat16)
+        temb = torch.randn(1, 64, dtype=torch.bfloat16)
+        with torch.no_grad():
+            model.single_transformer_blocks[3](hidden_states=x[:, 8:], encoder_hidden_states=x[:, :8], temb=temb)
+            assert s.stats()["misses"] == 1
+            assert same_bits(model(**flux_inputs())[0], ref)
+    finally:
+        placement.remove()
+
+
+def test_shared_global_code_map_is_not_moved(flux):
+    import bitsandbytes.functional as F
+
+    model, ref = flux
+    dynamic = F.name2qmap["dynamic"]
+    ptr, values = dynamic.data_ptr(), dynamic.clone()
+    pipe = types.SimpleNamespace(transformer=model)
+    placement = apply_plan(pipe, streamed_plan(pipe, double=(1, 2, 3)), "cpu")
+    placement.remove()
+    assert dynamic.data_ptr() == ptr and torch.equal(dynamic, values)
+
+
+def test_block_with_different_layout_is_refused_and_nothing_changes():
+    model = tiny_flux(layers=2, single_layers=3)
+    blocks = model.single_transformer_blocks
+    name = next(n for n, m in blocks[2].named_modules() if type(m).__name__ == "Linear4bit")
+    blocks[2].set_submodule(name, quantize_linear(nn.Linear(64, 64).to(torch.bfloat16), "bf16"))  # wrong shape on purpose
+    pipe = types.SimpleNamespace(transformer=model)
+    originals = list(blocks)
+    with pytest.raises(KreaLiteError, match="laid out differently"):
+        apply_plan(pipe, streamed_plan(pipe, single=(0, 1, 2)), "cpu")
+    assert list(blocks) == originals
+
+
+def test_measure_counts_blocks_and_rest(flux):
+    model, _ = flux
+    t5 = tiny_t5()
+    sizes = measure(types.SimpleNamespace(transformer=model, text_encoder_2=t5))
+    assert isinstance(sizes, Sizes)
+    assert len(set(sizes.transformer_blocks)) == 1 and len(set(sizes.single_transformer_blocks)) == 1
+    assert sizes.transformer_rest > 0 and sizes.t5_rest > 0 and sizes.text_encoder == 0 and sizes.vae == 0
+    assert len(sizes.t5_blocks) == 4 and sizes.t5_blocks[0] > sizes.t5_blocks[1]  # relative attention bias
+    whole = nbytes(leaf_tensors(model))
+    assert abs(sizes.transformer - whole) <= 256 * len(leaf_tensors(model))  # same bytes up to alignment
+    bf16 = tiny_flux(schemes=("bf16",))
+    assert measure(types.SimpleNamespace(transformer=bf16)).transformer_blocks[0] > sizes.transformer_blocks[0]
+
+
+# --- T5 and the on-demand components ---------------------------------------------------------------
+
+
+def test_streamed_t5_equals_resident_across_releases():
+    t5 = tiny_t5()
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = t5(ids).last_hidden_state
+    pipe = types.SimpleNamespace(text_encoder_2=t5)
+    placement = apply_plan(pipe, streamed_plan(pipe, t5=True), "cpu")
+    try:
+        s = placement.streamers["text_encoder_2"]
+        assert not isinstance(t5.encoder.block[0], StreamedBlock)  # block 0 stays with the embedding
+        assert not s.slots  # slots exist only while T5 runs
+        with torch.no_grad():
+            for _ in range(2):
+                assert same_bits(t5(ids).last_hidden_state, ref)
+                assert placement.on_demand.loaded == "text_encoder_2"
+                placement.on_demand.use("transformer")  # what the transformer's pre-hook does
+                assert not s.slots and placement.on_demand.loaded is None
+        assert s.stats()["misses"] == 2  # each run starts by filling the freshly allocated slots
+    finally:
+        placement.remove()
+    with torch.no_grad():
+        assert same_bits(t5(ids).last_hidden_state, ref)
+
+
+def test_on_demand_components_take_turns():
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=16)).eval()
+    vae = AutoencoderKL(block_out_channels=(32,), layers_per_block=1, latent_channels=4, norm_num_groups=32).eval()
+    model, t5 = tiny_flux(layers=1, single_layers=2), tiny_t5()
+    pipe = types.SimpleNamespace(transformer=model, text_encoder_2=t5, text_encoder=clip, vae=vae)
+    plan = dataclasses.replace(streamed_plan(pipe, single=(1,), t5=True), clip_on_gpu=False, vae_on_gpu=False,
+                               vae_tiled=True)
+    placement = apply_plan(pipe, plan, "cpu")
+    seen = []
+    try:
+        od = placement.on_demand
+        ids = torch.randint(0, 64, (1, 8))
+        with torch.no_grad():
+            for _ in range(2):  # two prompts, in FluxPipeline's order
+                clip(ids)
+                seen.append(od.loaded)
+                t5(ids)
+                seen.append(od.loaded)
+                model(**flux_inputs())
+                seen.append(od.loaded)
+                vae.decode(torch.randn(1, 4, 8, 8))
+                seen.append(od.loaded)
+        assert seen == ["text_encoder", "text_encoder_2", None, "vae"] * 2
+        assert od.moves == 6 and vae.use_tiling
+        assert placement.stats()["on_demand"]["moves"] == 6
+    finally:
+        placement.remove()
+    assert not vae.use_tiling and not placement._hooks
+
+
+def test_plan_for_another_model_is_refused(flux):
+    model, _ = flux
+    other = types.SimpleNamespace(transformer=tiny_flux(layers=1, single_layers=2))
+    plan = streamed_plan(other, single=(1,))
+    with pytest.raises(KreaLiteError, match="plan was made for a model"):
+        apply_plan(types.SimpleNamespace(transformer=model), plan, "cpu")
+
+
+def test_flux_pipeline_call_is_unchanged_by_the_placement(quantized):
+    """A real FluxPipeline (the tiny synthetic, NF4) gives the same image with blocks streamed and CLIP, T5
+    and the VAE moved in on demand; the pipeline is called exactly as without krea-lite."""
+    import bitsandbytes as bnb
+
+    from krea_lite.pipeline import load_pipeline
+
+    pipe = load_pipeline(quantized("nf4"), device="cpu", verify="none")
+    pipe.set_progress_bar_config(disable=True)
+    for m in [*pipe.transformer.modules(), *pipe.text_encoder_2.modules()]:
+        if isinstance(m, bnb.nn.Linear4bit):  # the same (non-AVX512) CPU kernel with and without streaming
+            m.support_avx512bf16_for_cpu = False
+
+    def image():
+        return pipe("a red fox in snow", num_inference_steps=2, width=64, height=64, max_sequence_length=64,
+                    generator=torch.Generator("cpu").manual_seed(0), output_type="np").images
+
+    ref = image()
+    plan = dataclasses.replace(streamed_plan(pipe, double=(0, 1), single=(0, 1), prefetch=1, t5=True),
+                               clip_on_gpu=False, vae_on_gpu=False, vae_tiled=True)
+    placement = apply_plan(pipe, plan, "cpu")
+    try:
+        assert (image() == ref).all()
+        stats = placement.stats()
+        assert stats["transformer_blocks"]["copies"] == 2 * 2  # 2 steps x 2 blocks through 1 slot
+        assert stats["on_demand"]["moves"] == 3 and stats["on_demand"]["on_gpu"] == "vae"
+    finally:
+        placement.remove()
+    assert (image() == ref).all()
