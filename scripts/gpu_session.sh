@@ -5,7 +5,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/krea-out}; W=/tmp/krea; mkdir -p "$OUT" "$W"
 bash .whl/install.sh || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 stages=${*:-synth quantize tests generate bench}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 for s in $stages; do
@@ -17,8 +17,8 @@ for s in $stages; do
              --json "$OUT/quantize-full.json" ;;
     tests) KREA_FULL_DIR=$W/q/full-nf4 python3 -m pytest -q -s -p no:cacheprovider -m "gpu or budget" tests \
              > "$OUT/gpu-tests.log" 2>&1; grep -E "passed|failed|FAILED|Error|budget|s/step|\{" "$OUT/gpu-tests.log" | tail -40 ;;
-    generate) python3 -m krea_lite.cli generate --model $W/q/full-nf4 --vram-gb ${VRAM:-8} --verbose --quiet \
-             --steps 28 --out $W/png "a lighthouse on a cliff at dawn" 2>&1 | tail -30 ;;
+    generate) python3 -m krea_lite.cli --debug generate --model $W/q/full-nf4 --vram-gb ${VRAM:-8} --verbose --quiet \
+             --steps ${STEPS:-28} --out $W/png "a lighthouse on a cliff at dawn" 2>&1 | grep -v "^    " | tail -40 ;;
     bench) python3 -m krea_lite.bench ${BENCH_ARGS:---quick} --source $W/full --workdir $W/q-bench \
              --models nf4=$W/q/full-nf4 --out "$OUT/bench/bench-quick.json" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
   esac

@@ -1,5 +1,6 @@
 """GPU tier (skipped without CUDA): bitsandbytes folders load in plain diffusers/transformers and
-give exactly what `load_pipeline` gives; the full-size synthetic folder when KREA_FULL_DIR names one."""
+give exactly what `load_pipeline` gives (its own placement: `nn.Module.to` alone leaves bnb int8
+SCB on the CPU); the full-size synthetic folder when KREA_FULL_DIR names one."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from krea_lite.checkpoint import MANIFEST
-from krea_lite.pipeline import load_component
+from krea_lite.pipeline import load_pipeline
 
 from .conftest import requires_cuda
 from .test_core import transformer_inputs
@@ -19,11 +19,9 @@ from .test_core import transformer_inputs
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
 
-def _compare_transformer(folder: Path, tokens: int, text: int):
+def _compare_transformer(ours, folder: Path, tokens: int, text: int):
     from diffusers import FluxTransformer2DModel
 
-    manifest = json.loads((folder / MANIFEST).read_text())
-    ours = load_component(folder / "transformer", "transformer", manifest["components"]["transformer"]).to("cuda")
     plain = FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.bfloat16).to("cuda")
     config = json.loads((folder / "transformer" / "config.json").read_text())
     inputs = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in transformer_inputs(config, tokens, text).items()}
@@ -33,12 +31,9 @@ def _compare_transformer(folder: Path, tokens: int, text: int):
     assert torch.equal(a, b), f"max diff {(a.float() - b.float()).abs().max().item()}"
 
 
-def _compare_t5(folder: Path):
+def _compare_t5(ours, folder: Path):
     from transformers import T5EncoderModel
 
-    manifest = json.loads((folder / MANIFEST).read_text())
-    ours = load_component(folder / "text_encoder_2", "text_encoder_2", manifest["components"]["text_encoder_2"])
-    ours = ours.to("cuda")
     plain = T5EncoderModel.from_pretrained(folder / "text_encoder_2", torch_dtype=torch.bfloat16, device_map="cuda")
     ids = torch.randint(0, 100, (1, 32), generator=torch.Generator().manual_seed(0)).to("cuda")
     with torch.no_grad():
@@ -49,12 +44,14 @@ def _compare_t5(folder: Path):
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
 def test_bnb_folder_loads_in_plain_diffusers_and_transformers(scheme, quantized):
     folder = quantized(scheme)
-    _compare_transformer(folder, tokens=64, text=16)
-    _compare_t5(folder)
+    pipe = load_pipeline(folder, device="cuda")  # no budget: everything resident on this card
+    _compare_transformer(pipe.transformer, folder, tokens=64, text=16)
+    _compare_t5(pipe.text_encoder_2, folder)
 
 
 @pytest.mark.skipif(not os.environ.get("KREA_FULL_DIR"), reason="set KREA_FULL_DIR to a full-size NF4 folder")
 def test_full_size_nf4_folder_loads_in_plain_diffusers():
     folder = Path(os.environ["KREA_FULL_DIR"])
-    _compare_transformer(folder, tokens=1024, text=128)
-    _compare_t5(folder)
+    pipe = load_pipeline(folder, device="cuda")
+    _compare_transformer(pipe.transformer, folder, tokens=1024, text=128)
+    _compare_t5(pipe.text_encoder_2, folder)

@@ -251,7 +251,9 @@ def _child_env() -> dict:
     """This environment, with this copy of krea_lite first on the children's path."""
     pkg_root = str(Path(__file__).resolve().parent.parent)
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": pkg_root + (os.pathsep + path if path else "")}
+    # Every cell, anchors included, runs with the allocator setting `krea-lite generate` uses.
+    return {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ,
+            "PYTHONPATH": pkg_root + (os.pathsep + path if path else "")}
 
 
 class Runner:

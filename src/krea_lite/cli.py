@@ -190,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # Streaming allocates fixed slots and the steps' activations vary in size: expandable segments keep
+    # reserved memory close to allocated (read when CUDA first allocates; a user's setting wins).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = build_parser().parse_args(argv)
     quiet_before = logging.root.manager.disable
     if not args.debug:  # library log chatter (optional kernels, torchvision, ...) would bury the one error line
