@@ -477,6 +477,22 @@ class _OnDemand:
         _move(module, torch.device("cpu"))
         self.members[name] = (module, streamer)
 
+    def hook(self, name: str):
+        """A forward pre-hook: bring `name` onto the GPU, and its tensor inputs too. diffusers puts a
+        component's inputs where the component's weights are (`get_module_execution_device`), which for
+        an on-demand component is still the CPU when the call is made."""
+
+        def pre_forward(_module, args, kwargs):
+            self.use(name)
+            to = self.device
+
+            def move(x):
+                return x.to(to) if torch.is_tensor(x) and x.device != to else x
+
+            return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+        return pre_forward
+
     def use(self, name: str) -> None:
         if self.loaded == name:
             return
@@ -621,6 +637,6 @@ def _place(pipe, plan: Plan, placement: Placement, profile: bool) -> None:
             hooked += [("vae", getattr(vae, a, None)) for a in ("encoder", "decoder", "quant_conv", "post_quant_conv")]
         for name, m in hooked:
             if m is not None:
-                placement._hooks.append(m.register_forward_pre_hook(lambda _m, _a, name=name: on_demand.use(name)))
+                placement._hooks.append(m.register_forward_pre_hook(on_demand.hook(name), with_kwargs=True))
     if device.type == "cuda":
         torch.cuda.empty_cache()  # hand back what packing the streamed blocks borrowed
