@@ -976,7 +976,9 @@ def _cap(dev, budget_gib: float | None, m: dict) -> None:
     total = torch.cuda.get_device_properties(dev).total_memory
     if budget_gib * GiB > total:
         raise _Skip(f"budget {budget_gib:g} GiB exceeds the card's {total / GiB:.1f} GiB")
-    torch.cuda.set_per_process_memory_fraction(budget_gib * GiB / total, dev)
+    # set_per_process_memory_fraction wants an index: torch.device("cuda") has none.
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(budget_gib * GiB / total, index)
     m["cap_fraction"] = round(budget_gib * GiB / total, 5)
 
 
