@@ -345,6 +345,21 @@ def test_on_demand_components_take_turns():
     assert not vae.use_tiling and not placement._hooks
 
 
+def test_tiling_engages_at_1024_for_the_flux_vae():
+    """FLUX's VAE config has sample_size 1024, so diffusers' default tile never splits a 1024^2 image."""
+    from diffusers import AutoencoderKL
+
+    from krea_lite.streaming import _enable_tiling
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=16, sample_size=1024,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    assert vae.tile_latent_min_size == 128  # 1024 px / 8: a 128x128 latent would not be tiled
+    was = _enable_tiling(vae)
+    assert vae.use_tiling and vae.tile_sample_min_size == 512 and vae.tile_latent_min_size == 64
+    assert was == (False, 1024, 128)
+
+
 def test_plan_for_another_model_is_refused(flux):
     model, _ = flux
     other = types.SimpleNamespace(transformer=tiny_flux(layers=1, single_layers=2))

@@ -35,7 +35,8 @@ TEXT_TOKENS = 512  # FLUX.1 [dev] pads the T5 prompt to 512 tokens
 STEP_ACTIVATION_BYTES = int(1.0 * GiB)  # one transformer step at 4608 tokens, batch 1
 STEP_ACTIVATION_TOKENS = 4608  # ... linear in batch * tokens (SDPA attention memory is linear)
 VAE_DECODE_BYTES_PER_PIXEL = 3.5 * GiB / (1024 * 1024)  # untiled bf16 decode, batch 1: 3.5 GiB at 1024^2
-VAE_TILED_BYTES = int(0.6 * GiB)  # tiled decode per image: 512 px tiles, independent of image size
+VAE_TILE_PX = 512  # tiled decode: 512 px tiles (64 latents), 25% overlap (diffusers' default overlap)
+VAE_TILED_BYTES = int(0.6 * GiB)  # tiled decode per image with VAE_TILE_PX tiles, independent of image size (estimate)
 ENCODE_ACTIVATION_BYTES = int(0.25 * GiB)  # T5-XXL at 512 tokens (+ CLIP), per prompt
 # What the allocator reserves beyond what the estimate counts: fragmentation (reserved - allocated)
 # and the small tensors not modelled (latents, RoPE tables, scheduler state). To be calibrated too.

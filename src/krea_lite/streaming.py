@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .errors import KreaLiteError
-from .plan import T5_SLOTS, Plan
+from .plan import T5_SLOTS, VAE_TILE_PX, Plan
 
 ALIGN = 256  # bytes: each tensor starts 256-aligned in a packed buffer. cuBLASLt picks kernels by pointer
 # alignment up to 256 B (torch's _getAlignment), as the caching allocator's 512-aligned blocks give: same kernels.
@@ -552,8 +552,9 @@ class Placement:
         for name in ("transformer", "text_encoder_2", "text_encoder", "vae"):
             if (m := getattr(self.pipe, name, None)) is not None:
                 _move(m, cpu)
-        if self._tiling_was is False:
-            self.pipe.vae.disable_tiling()
+        if self._tiling_was is not None:
+            vae = self.pipe.vae
+            vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = self._tiling_was
         self._tiling_was = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -597,6 +598,22 @@ def apply_plan(pipe, plan: Plan, device, profile: bool = False) -> Placement:
     return placement
 
 
+def _enable_tiling(vae) -> tuple:
+    """Tiled decoding in VAE_TILE_PX tiles; returns the settings to restore.
+
+    AutoencoderKL's default tile is its config's sample_size (1024 for FLUX), so `enable_tiling()`
+    alone never tiles a 1024x1024 image: measured on an H200, the decode then needed a 512 MiB conv
+    buffer and ran out of memory under a 6 GiB cap."""
+    was = (bool(getattr(vae, "use_tiling", False)), getattr(vae, "tile_sample_min_size", None),
+           getattr(vae, "tile_latent_min_size", None))
+    vae.enable_tiling()
+    if was[1] is not None:
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        vae.tile_sample_min_size = min(was[1], VAE_TILE_PX)
+        vae.tile_latent_min_size = vae.tile_sample_min_size // scale
+    return was
+
+
 def _place(pipe, plan: Plan, placement: Placement, profile: bool) -> None:
     device, on_demand = placement.device, placement.on_demand
     tr = getattr(pipe, "transformer", None)
@@ -629,8 +646,7 @@ def _place(pipe, plan: Plan, placement: Placement, profile: bool) -> None:
             on_demand.add(name, m)
     vae = getattr(pipe, "vae", None)
     if vae is not None and plan.vae_tiled:
-        placement._tiling_was = bool(getattr(vae, "use_tiling", False))
-        vae.enable_tiling()
+        placement._tiling_was = _enable_tiling(vae)
     if on_demand.members:
         hooked = [("text_encoder", getattr(pipe, "text_encoder", None)), ("text_encoder_2", t5), ("transformer", tr)]
         if vae is not None:  # vae.decode is not a forward: hook the submodules it calls
