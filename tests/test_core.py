@@ -158,3 +158,42 @@ def test_cli_quantize_then_generate(tiny_source, tmp_path, capsys):
     assert len(pngs) == 4
     assert Image.open(pngs[0]).size == (64, 48)
     assert main(["verify", str(out)]) == 0
+
+
+def test_out_of_memory_retries_once_with_a_conservative_plan(monkeypatch, tmp_path, capsys):
+    """generate(): a CUDA OOM re-places the pipeline with plan.shrink() once, then succeeds."""
+    from dataclasses import dataclass
+
+    from PIL import Image
+
+    import krea_lite.pipeline as pipeline_mod
+    from krea_lite.generate import GenerateConfig, generate
+    from krea_lite.pipeline import LoadInfo
+
+    @dataclass(frozen=True)
+    class FakePlan:
+        conservative: int = 0
+        peak_bytes: int = 7 << 30
+
+        def shrink(self):
+            return FakePlan(self.conservative + 1, 6 << 30)
+
+    class FakePipe:
+        calls = 0
+
+        def __call__(self, **kwargs):
+            FakePipe.calls += 1
+            if FakePipe.calls == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return type("Out", (), {"images": [Image.new("RGB", (16, 16))]})()
+
+    (tmp_path / "krea_lite.json").write_text("{}")
+    pipe = FakePipe()
+    pipe.krea_lite = LoadInfo(path=tmp_path, manifest={"components": {}}, device="cpu", plan=FakePlan())
+    placed = []
+    monkeypatch.setattr(pipeline_mod, "place", lambda p, plan: placed.append(plan))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    (g,) = generate(pipe, ["a fox"], GenerateConfig(steps=1, width=16, height=16), tmp_path / "png")
+    assert g.path.exists() and FakePipe.calls == 2
+    assert placed == [FakePlan(1, 6 << 30)]
+    assert "retrying once with a more conservative plan" in capsys.readouterr().out
