@@ -170,6 +170,16 @@ def write_manifest(folder: Path, manifest: dict) -> None:
         os.fsync(f.fileno())
 
 
+def _is_leftover(out: Path) -> bool:
+    return out.exists() and (out / _PENDING).exists() and not (out / MANIFEST).exists()
+
+
+def refuse_existing(out: Path, force: bool) -> None:
+    """One line if `out` exists and may not be replaced (leftovers of a killed run do not count)."""
+    if out.exists() and not force and not _is_leftover(out):
+        raise KreaLiteError(f"{out.resolve()} already exists; pass --force to replace it or choose another --out")
+
+
 @contextmanager
 def atomic_folder(out: Path, force: bool, protect: tuple[Path, ...] = ()):
     """Yield a temporary sibling folder; on success it replaces `out` (publish), on failure it vanishes.
@@ -184,10 +194,9 @@ def atomic_folder(out: Path, force: bool, protect: tuple[Path, ...] = ()):
             raise KreaLiteError(f"--out {out} overlaps the source {p}; choose a folder outside the source")
     for stale in out.parent.glob(f".{out.name}{_TMP_TAG}*"):
         shutil.rmtree(stale, ignore_errors=True)
-    if out.exists() and (out / _PENDING).exists() and not (out / MANIFEST).exists():
+    if _is_leftover(out):
         shutil.rmtree(out)  # killed between the folder's rename and the manifest's: ours, unusable
-    if out.exists() and not force:
-        raise KreaLiteError(f"{out} already exists; pass --force to replace it or choose another --out")
+    refuse_existing(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}"
     tmp.mkdir()

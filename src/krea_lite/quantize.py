@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import ShardWriter, atomic_folder, library_versions, write_manifest
+from .checkpoint import ShardWriter, atomic_folder, library_versions, refuse_existing, write_manifest
 from .errors import KreaLiteError
 from .schemes import get_scheme
 
@@ -217,6 +217,7 @@ def quantize_pipeline(source: str | Path, out: str | Path, config: QuantizeConfi
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():  # before any download
         raise KreaLiteError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+    refuse_existing(out, force)  # before any download
     src = resolve_source(str(source), base=config.base, revision=config.revision)
     protect = (src.root,) + ((src.transformer_file,) if src.transformer_file else ())
     needed = _estimate_bytes(src, config)
