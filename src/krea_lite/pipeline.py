@@ -101,6 +101,8 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
 
     path = Path(path)
     device = _resolve_device(device)
+    if device == "cpu" and vram_gb is not None:
+        raise KreaLiteError("--vram-gb needs a CUDA device; drop it to run on the CPU")
     if verify not in ("quick", "full", "none"):
         raise KreaLiteError(f"verify={verify!r}: use 'quick', 'full' or 'none'")
     if verify == "none":
@@ -113,14 +115,13 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
     pipe = FluxPipeline(
         transformer=load_component(path / "transformer", "transformer", comps["transformer"]),
         text_encoder_2=load_component(path / "text_encoder_2", "text_encoder_2", comps["text_encoder_2"]),
-        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch.bfloat16),
-        vae=AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch.bfloat16),
+        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch.bfloat16,
+                                                   use_safetensors=True),
+        vae=AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch.bfloat16, use_safetensors=True),
         tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
         tokenizer_2=T5TokenizerFast.from_pretrained(path / "tokenizer_2"),
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"),
     )
-    if device == "cpu" and vram_gb is not None:
-        raise KreaLiteError("--vram-gb needs a CUDA device; drop it to run on the CPU")
     pipe.krea_lite = LoadInfo(path=path, manifest=manifest, device=device)
     if device != "cpu":
         from .plan import measure, plan_for_budget
