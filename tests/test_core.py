@@ -197,3 +197,10 @@ def test_out_of_memory_retries_once_with_a_conservative_plan(monkeypatch, tmp_pa
     assert g.path.exists() and FakePipe.calls == 2
     assert placed == [FakePlan(1, 6 << 30)]
     assert "retrying once with a more conservative plan" in capsys.readouterr().out
+
+
+def test_paths_starting_with_home_are_expanded(quantized, monkeypatch):
+    folder = quantized("nf4")
+    monkeypatch.setenv("HOME", str(folder.parent))
+    assert verify_checkpoint(f"~/{folder.name}", full=False)["components"]["transformer"]["scheme"] == "nf4"
+    assert load_pipeline(f"~/{folder.name}", device="cpu").krea_lite.path == folder

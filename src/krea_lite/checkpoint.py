@@ -228,7 +228,7 @@ def _fsync_dir(path: Path) -> None:
 
 def read_manifest(folder: Path) -> dict:
     """Parse and sanity-check the manifest of a krea-lite folder."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise KreaLiteError(f"{folder} is not a folder; pass the folder written by `krea-lite quantize`")
     path = folder / MANIFEST
@@ -291,7 +291,7 @@ def verify_checkpoint(folder: str | Path, full: bool = True) -> dict:
     Raises:
         KreaLiteError naming the first problem found.
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
     components = manifest.get("components", {})
     for comp in components:

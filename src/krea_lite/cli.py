@@ -111,6 +111,15 @@ def cmd_bench(args) -> int:
     return bench.run(args)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows real defaults in --help; not None/False, nor where the help text already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .generate import GenerateConfig
     from .quantize import QuantizeConfig
@@ -120,11 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="krea-lite", description="Run FLUX.1 Krea [dev] on 8-16 GB GPUs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
+    fmt = {"formatter_class": _Help}
 
-    q = sub.add_parser("quantize", help="convert a source once into a small quantized folder")
+    q = sub.add_parser("quantize", **fmt, help="convert a source once into a small quantized folder")
     q.add_argument("source", help="hub repo id, local diffusers folder, or flux1-krea-dev.safetensors")
     q.add_argument("--out", required=True, help="folder to create")
-    q.add_argument("--transformer", default=qc.transformer, choices=list(SCHEMES))
+    q.add_argument("--transformer", default=qc.transformer, choices=list(SCHEMES), help="scheme for the FLUX transformer")
     q.add_argument("--text-encoder", default=qc.text_encoder, choices=list(SCHEMES), help="scheme for T5-XXL")
     q.add_argument("--keep", nargs="+", metavar="PATTERN", help="module patterns left bf16 (replaces defaults)")
     q.add_argument("--base", help="for a single-file source: repo id or folder with the other components")
@@ -134,15 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
 
-    g = sub.add_parser("generate", help="generate images from a quantized folder")
+    g = sub.add_parser("generate", **fmt, help="generate images from a quantized folder")
     g.add_argument("prompt", nargs="?", help="the prompt")
     g.add_argument("--model", required=True, help="folder written by `krea-lite quantize`")
     g.add_argument("--prompts", help="UTF-8 text file, one prompt per line")
-    g.add_argument("--seed", type=int, default=gen.seed)
-    g.add_argument("--steps", type=int, default=gen.steps)
-    g.add_argument("--guidance", type=float, default=gen.guidance)
-    g.add_argument("--width", type=int, default=gen.width)
-    g.add_argument("--height", type=int, default=gen.height)
+    g.add_argument("--seed", type=int, default=gen.seed, help="image k of each prompt uses seed+k")
+    g.add_argument("--steps", type=int, default=gen.steps, help="denoising steps")
+    g.add_argument("--guidance", type=float, default=gen.guidance, help="guidance (FLUX.1 [dev] distilled guidance)")
+    g.add_argument("--width", type=int, default=gen.width, help="pixels, a multiple of 16")
+    g.add_argument("--height", type=int, default=gen.height, help="pixels, a multiple of 16")
     g.add_argument("--max-sequence-length", type=int, default=gen.max_sequence_length, help="T5 prompt tokens")
     g.add_argument("--num-images", type=int, default=gen.num_images, help="images per prompt (seeds seed, seed+1, ...)")
     g.add_argument("--out", default="krea-lite-out", help="output folder for PNGs")
@@ -153,32 +163,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_generate)
 
-    v = sub.add_parser("verify", help="check a quantized folder against its manifest")
+    v = sub.add_parser("verify", **fmt, help="check a quantized folder against its manifest")
     v.add_argument("folder")
     v.add_argument("--quick", action="store_true", help="sizes and headers only, no sha256")
     v.set_defaults(func=cmd_verify)
 
-    d = sub.add_parser("demo", help="offline CPU demo on a tiny synthetic model (no flags needed)")
+    d = sub.add_parser("demo", **fmt, help="offline CPU demo on a tiny synthetic model (no flags needed)")
     d.add_argument("--out", default="krea-lite-demo", help="folder for the demo's models and images")
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("synth", help="write a synthetic FLUX pipeline (random weights) laid out like the real repo")
-    s.add_argument("out")
-    s.add_argument("--size", default="tiny", choices=["tiny", "full"])
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("synth", **fmt, help="write a synthetic FLUX pipeline (random weights) laid out like the real repo")
+    s.add_argument("out", help="folder to create")
+    s.add_argument("--size", default="tiny", choices=["tiny", "full"], help="full = the real shapes (33.7 GB)")
+    s.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     s.add_argument("--no-single-file", action="store_true", help="skip the BFL single-file transformer")
-    s.add_argument("--force", action="store_true")
+    s.add_argument("--force", action="store_true", help="replace an earlier synthetic folder")
     s.set_defaults(func=cmd_synth)
 
-    pl = sub.add_parser("plan", help="show where every weight would live for a VRAM budget")
-    pl.add_argument("--model", required=True)
-    pl.add_argument("--vram-gb", type=float)
-    pl.add_argument("--width", type=int, default=gen.width)
-    pl.add_argument("--height", type=int, default=gen.height)
-    pl.add_argument("--batch", type=int, default=1)
+    pl = sub.add_parser("plan", **fmt, help="show where every weight would live for a VRAM budget")
+    pl.add_argument("--model", required=True, help="folder written by `krea-lite quantize`")
+    pl.add_argument("--vram-gb", type=float, help="GPU memory to plan for (default: what the card has free)")
+    pl.add_argument("--width", type=int, default=gen.width, help="largest image width")
+    pl.add_argument("--height", type=int, default=gen.height, help="largest image height")
+    pl.add_argument("--batch", type=int, default=1, help="images per call")
     pl.set_defaults(func=cmd_plan)
 
-    b = sub.add_parser("bench", help="measure memory, speed and fidelity side by side")
+    b = sub.add_parser("bench", **fmt, help="measure memory, speed and fidelity side by side")
     try:
         from . import bench
 

@@ -99,7 +99,7 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextModel, CLIPTokenizer, T5TokenizerFast
 
-    path = Path(path)
+    path = Path(path).expanduser()
     device = _resolve_device(device)
     if device == "cpu" and vram_gb is not None:
         raise KreaLiteError("--vram-gb needs a CUDA device; drop it to run on the CPU")

@@ -213,7 +213,7 @@ def quantize_pipeline(source: str | Path, out: str | Path, config: QuantizeConfi
     from .source import resolve_source
 
     config = config or QuantizeConfig()
-    out = Path(out)
+    out = Path(out).expanduser()
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():  # before any download
         raise KreaLiteError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
