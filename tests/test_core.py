@@ -138,6 +138,10 @@ def test_generate_same_seed_same_png_bytes(quantized, tmp_path):
     assert len(image.text["model_manifest_sha256"]) == 64
     (c,) = generate(pipe, ["a red fox in snow"], GenerateConfig(steps=2, width=64, height=64, seed=8), tmp_path / "c")
     assert c.path.read_bytes() != a.path.read_bytes()
+    # generate() encodes each prompt once for all its images: same pixels as a plain pipeline call
+    direct = pipe(prompt="a red fox in snow", num_inference_steps=2, guidance_scale=config.guidance, width=64,
+                  height=64, generator=torch.Generator("cpu").manual_seed(7)).images[0]
+    assert list(direct.getdata()) == list(image.convert("RGB").getdata())
 
 
 def test_cli_quantize_then_generate(tiny_source, tmp_path, capsys):
@@ -180,6 +184,9 @@ def test_out_of_memory_retries_once_with_a_conservative_plan(monkeypatch, tmp_pa
 
     class FakePipe:
         calls = 0
+
+        def encode_prompt(self, **kwargs):
+            return torch.zeros(1, 4, 8), torch.zeros(1, 8), None
 
         def __call__(self, **kwargs):
             FakePipe.calls += 1

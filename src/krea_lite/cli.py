@@ -9,8 +9,6 @@ from pathlib import Path
 
 from .errors import KreaLiteError
 
-_GEN = None  # GenerateConfig defaults, read lazily so `krea-lite --help` stays fast
-
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
@@ -189,12 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
 
     b = sub.add_parser("bench", **fmt, help="measure memory, speed and fidelity side by side")
-    try:
-        from . import bench
+    from . import bench  # standard library only at import time
 
-        bench.add_arguments(b)
-    except ImportError:  # pragma: no cover
-        pass
+    bench.add_arguments(b)
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -69,6 +69,30 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def _one_image(pipe, prompt: str, seed: int, config: GenerateConfig, embeds, device: torch.device):
+    """One pipeline call; returns (image, seconds per step, (prompt_embeds, pooled_prompt_embeds))."""
+    if embeds is None:
+        prompt_embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None,
+                                                      max_sequence_length=config.max_sequence_length)
+        embeds = (prompt_embeds, pooled)
+    stamps = []
+
+    def on_step(_pipe, _step, _t, kwargs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stamps.append(time.perf_counter())
+        return kwargs
+
+    start = time.perf_counter()
+    image = pipe(
+        prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1], num_inference_steps=config.steps,
+        guidance_scale=config.guidance, width=config.width, height=config.height,
+        generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=on_step,
+    ).images[0]
+    per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else time.perf_counter() - start
+    return image, per_step, embeds
+
+
 def _fall_back(pipe) -> None:
     """After a CUDA out-of-memory error: re-place the pipeline with a more conservative plan, once."""
     from .pipeline import place
@@ -116,39 +140,28 @@ def generate(pipe, prompts: list[str], config: GenerateConfig, out_dir: str | Pa
     if info is not None:
         manifest_hash = hashlib.sha256((info.path / "krea_lite.json").read_bytes()).hexdigest()
         schemes = {c: v["scheme"] for c, v in info.manifest["components"].items() if c in ("transformer", "text_encoder_2")}
-    cuda = torch.cuda.is_available() and str(getattr(info, "device", "cpu")).startswith("cuda")
+    device = torch.device(getattr(info, "device", "cpu"))
+    cuda = device.type == "cuda"
     results = []
     for i, prompt in enumerate(prompts):
+        embeds = None  # the prompt is encoded once, for all of its images
         for k in range(config.num_images):
             seed = config.seed + k
             if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            stamps = []
-
-            def on_step(_pipe, _step, _t, kwargs, stamps=stamps):
-                if cuda:
-                    torch.cuda.synchronize()
-                stamps.append(time.perf_counter())
-                return kwargs
-
-            def run(prompt=prompt, seed=seed, on_step=on_step, stamps=stamps):
-                stamps.clear()
-                return pipe(
-                    prompt=prompt, num_inference_steps=config.steps, guidance_scale=config.guidance,
-                    width=config.width, height=config.height, generator=torch.Generator("cpu").manual_seed(seed),
-                    max_sequence_length=config.max_sequence_length, callback_on_step_end=on_step,
-                ).images[0]
-
+                torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
             try:
-                image = run()
+                image, per_step, embeds = _one_image(pipe, prompt, seed, config, embeds, device)
             except torch.OutOfMemoryError:
                 if info is None or info.plan is None:
                     raise
+                retry = True  # outside the except block, so the failed pass's tensors can be freed
+            else:
+                retry = False
+            if retry:
                 _fall_back(pipe)
-                image = run()
+                image, per_step, embeds = _one_image(pipe, prompt, seed, config, None, device)
             seconds = time.perf_counter() - start
-            per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else seconds
             meta = PngInfo()
             settings = {"prompt": prompt, "seed": seed, **{k2: v for k2, v in asdict(config).items()
                                                             if k2 not in ("seed", "num_images")}}
@@ -160,6 +173,6 @@ def generate(pipe, prompts: list[str], config: GenerateConfig, out_dir: str | Pa
                 meta.add_text(key, str(value))
             path = out_dir / f"{i:03d}-{_slug(prompt)}-seed{seed}.png"
             image.save(path, pnginfo=meta)
-            peak = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
+            peak = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None
             results.append(Generated(path, prompt, seed, seconds, per_step, peak))
     return results

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import read_tensors, verify_checkpoint
+from .checkpoint import read_manifest, read_tensors, verify_checkpoint
 from .errors import KreaLiteError
 from .quantize import build_meta
 from .schemes import get_scheme
@@ -106,8 +106,6 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
     if verify not in ("quick", "full", "none"):
         raise KreaLiteError(f"verify={verify!r}: use 'quick', 'full' or 'none'")
     if verify == "none":
-        from .checkpoint import read_manifest
-
         manifest = read_manifest(path)
     else:
         manifest = verify_checkpoint(path, full=verify == "full")
@@ -126,7 +124,8 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
     if device != "cpu":
         from .plan import measure, plan_for_budget
 
-        budget = None if vram_gb is None else int(vram_gb * 2**30)
+        # no budget given: what this card (not the current device) has free
+        budget = torch.cuda.mem_get_info(torch.device(device))[0] if vram_gb is None else int(vram_gb * 2**30)
         place(pipe, plan_for_budget(measure(pipe), budget, width=width, height=height, batch=batch))
     return pipe
 

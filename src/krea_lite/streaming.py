@@ -423,6 +423,8 @@ class _Streamer:
                           for _ in range(self.p)]
             for twin, slot in zip(self.twins, self.slots, strict=True):
                 _bind(leaf_tensors(twin), self.layout, slot)
+        if self.cuda:  # the side stream writes the new slots: order it after compute that used that memory
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         self.holds, self.where = [-1] * self.p, {}
 
     def release(self) -> None:
