@@ -55,6 +55,8 @@ def cmd_generate(args) -> int:
         raise KreaLiteError("the prompt is empty; give a text prompt such as \"a red fox in snow\"")
     if args.quiet:
         _no_loading_bars()
+    if args.vram_gb is not None and args.vram_gb > 0:
+        _cap_cuda_memory(args.device, args.vram_gb)
     pipe = load_pipeline(args.model, device=args.device, vram_gb=args.vram_gb, width=args.width,
                          height=args.height, verify="full" if args.verify else "quick")
     plan = pipe.krea_lite.plan
@@ -65,6 +67,19 @@ def cmd_generate(args) -> int:
         vram = f", peak VRAM {g.peak_vram_gib:.2f} GiB" if g.peak_vram_gib is not None else ""
         print(f"{g.path}  ({g.seconds:.1f} s, {g.seconds_per_step:.3f} s/step{vram})")
     return 0
+
+
+def _cap_cuda_memory(device: str | None, vram_gb: float) -> None:
+    """Hold this process to the budget, so that --vram-gb 8 on a larger card behaves like an 8 GB card
+    (and the out-of-memory fallback can act) instead of silently using more."""
+    import torch
+
+    if not torch.cuda.is_available() or (device or "cuda") == "cpu":
+        return  # load_pipeline reports --vram-gb without CUDA
+    dev = torch.device(device or "cuda")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, vram_gb * 2**30 / total), index)
 
 
 def cmd_verify(args) -> int:
@@ -155,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=gen.num_images, help="images per prompt (seeds seed, seed+1, ...)")
     g.add_argument("--out", default="krea-lite-out", help="output folder for PNGs")
     g.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
-    g.add_argument("--vram-gb", type=float, help="GPU memory to use (default: what the card has free)")
+    g.add_argument("--vram-gb", type=float,
+                   help="GPU memory to plan for and hold this process to (default: what the card has free)")
     g.add_argument("--verify", action="store_true", help="check every file's sha256 before loading")
     g.add_argument("--verbose", action="store_true", help="print the placement plan")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
