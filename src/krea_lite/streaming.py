@@ -37,6 +37,7 @@ from torch import nn
 
 from .errors import KreaLiteError
 from .plan import T5_SLOTS, VAE_TILE_PX, Plan
+from .schemes import _bnb
 
 ALIGN = 256  # bytes: each tensor starts 256-aligned in a packed buffer. cuBLASLt picks kernels by pointer
 # alignment up to 256 B (torch's _getAlignment), as the caching allocator's 512-aligned blocks give: same kernels.
@@ -189,14 +190,6 @@ def _park(tensors: list[torch.Tensor], park: torch.Tensor) -> None:
             park.untyped_storage(), 0, tuple(t.shape), (0,) * t.dim())
 
 
-def _bnb():
-    try:
-        import bitsandbytes
-    except ImportError:  # pragma: no cover - a dependency of the package
-        return None
-    return bitsandbytes
-
-
 def _canonicalize(module: nn.Module) -> None:
     """Bring bitsandbytes layers into the one form the engine and `leaf_tensors` rely on.
 
@@ -206,8 +199,6 @@ def _canonicalize(module: nn.Module) -> None:
     the weight's device (nn.Module.to moves the weight, not `state`).
     """
     bnb = _bnb()
-    if bnb is None:
-        return
     done = set()
     for m in module.modules():
         if isinstance(m, bnb.nn.Linear4bit) and getattr(m.weight, "quant_state", None) is not None:
@@ -323,7 +314,7 @@ class _Streamer:
         if not self.cuda:  # bitsandbytes would repack 4-bit weights in place on their first CPU forward
             bnb = _bnb()
             for m in block.modules():
-                if bnb is not None and isinstance(m, bnb.nn.Linear4bit):
+                if isinstance(m, bnb.nn.Linear4bit):
                     m.support_avx512bf16_for_cpu = False
         tensors = leaf_tensors(block)
         ours = [b for b in (self.host, self._park, *self.slots) if b is not None]
