@@ -1,26 +1,35 @@
 #!/usr/bin/env bash
-# One GPU-machine session: full-size synthetic pipeline -> quantize (time, RssAnon) -> GPU tests -> bench.
-# Run from the repo root on the device machine with .whl carried:  bash scripts/gpu_session.sh [stage...]
-# Stages: synth quantize tests generate bench (default: all). Re-running skips what /tmp/krea already holds.
+# One GPU-machine session: full-size synthetic pipeline -> quantize nf4 + int8 (time, RssAnon) -> GPU tests ->
+# `krea-lite generate --vram-gb 8` -> the benchmark. Run from the repo root on the device machine with .whl
+# carried; a device command may run 10 minutes, so call it again on the same warm machine to go on:
+#   bash scripts/gpu_session.sh [stage...]      stages: synth quantize tests generate bench (default: all)
+# Re-running skips what /tmp/krea already holds; the bench resumes /tmp/krea/bench/bench.json and stops
+# CALL_S seconds after this script started (default 585). Results are copied to $OUT.
 set -uo pipefail
-OUT=${OUT:-/tmp/krea-out}; W=/tmp/krea; mkdir -p "$OUT" "$W"
+START=$(date +%s)
+OUT=${OUT:-/tmp/krea-out}; W=/tmp/krea; mkdir -p "$OUT" "$W/bench"
 bash .whl/install.sh || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 stages=${*:-synth quantize tests generate bench}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 for s in $stages; do
-  echo "=== $s $(date +%T)"
+  echo "=== $s $(date +%T) ($(($(date +%s) - START)) s)"; df -h /tmp | tail -1
   case $s in
     synth) [ -f $W/full/model_index.json ] || /usr/bin/time -v python3 -m krea_lite.cli synth $W/full --size full \
              --no-single-file 2>&1 | grep -E "wrote|Elapsed|Maximum resident" ;;
-    quantize) python3 benchmarks/quantize_full.py --source $W/full --out-root $W/q --schemes ${SCHEMES:-nf4} \
-             --json "$OUT/quantize-full.json" ;;
-    tests) KREA_FULL_DIR=$W/q/full-nf4 python3 -m pytest -q -s -p no:cacheprovider -m "gpu or budget" tests \
-             > "$OUT/gpu-tests.log" 2>&1; grep -E "passed|failed|FAILED|Error|budget|s/step|\{" "$OUT/gpu-tests.log" | tail -40 ;;
+    quantize) for q in ${SCHEMES:-nf4 int8}; do [ -f $W/q/full-$q/krea_lite.json ] || \
+             python3 benchmarks/quantize_full.py --source $W/full --out-root $W/q --schemes $q \
+             --json "$OUT/quantize-full-$q.json"; done ;;
+    tests) KREA_FULL_DIR=$W/q/full-nf4 timeout 240 python3 -m pytest -q -s -p no:cacheprovider -m "${TESTS:-gpu and not budget}" \
+             tests > "$OUT/gpu-tests.log" 2>&1; grep -E "passed|failed|FAILED|Error|budget|s/step|\{" "$OUT/gpu-tests.log" | tail -20 ;;
     generate) python3 -m krea_lite.cli --debug generate --model $W/q/full-nf4 --vram-gb ${VRAM:-8} --verbose --quiet \
-             --steps ${STEPS:-28} --out $W/png "a lighthouse on a cliff at dawn" 2>&1 | grep -v "^    " | tail -40 ;;
-    bench) python3 -m krea_lite.bench ${BENCH_ARGS:---quick} --source $W/full --workdir $W/q-bench \
-             --models nf4=$W/q/full-nf4 --out "$OUT/bench/bench-quick.json" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
+             --steps ${STEPS:-28} --out $W/png "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/generate.log" | tail -30 ;;
+    bench) left=$(( ${CALL_S:-585} - ($(date +%s) - START) ))
+           python3 -m krea_lite.bench --source $W/full --workdir $W/qb --models nf4=$W/q/full-nf4 int8=$W/q/full-int8 \
+             --schemes nf4 int8 --budgets none 16 12 8 6 4 --resolutions 1024x1024 512x512 --batches 1 --steps 5 \
+             --warmup 1 --e2e-steps 28 --anchor-budgets 8 --cell-timeout 150 --time-budget $left --resume \
+             --out $W/bench/bench.json ${BENCH_ARGS:-} 2>&1 | tee -a "$W/bench/bench.log" | tail -45
+           cp -r $W/bench "$OUT/" ;;
   esac
 done
-echo "=== done $(date +%T)"
+echo "=== done $(date +%T) ($(($(date +%s) - START)) s)"

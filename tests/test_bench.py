@@ -62,9 +62,16 @@ def test_quick_matrix_order():
     ids = [c["id"] for c in cells]
     assert len(ids) == len(set(ids))
     assert ids[:4] == [f"krea nf4 {b} 1024x1024 b1" for b in ("none", "8GiB", "6GiB", "4GiB")]
-    assert [c["kind"] for c in cells[4:10]] == ["anchor"] * 5 + ["ref"]
-    assert ids[10] == "krea int8 none 1024x1024 b1"  # other schemes before other resolutions
+    assert ids[4] == "krea int8 none 1024x1024 b1"  # every scheme at the first resolution first
+    assert [c["kind"] for c in cells[8:14]] == ["anchor"] * 5 + ["ref"]
+    anchors = {c["id"]: c["budget_gib"] for c in cells if c["kind"] == "anchor"}
+    assert anchors["anchor bf16_resident 1024x1024 b1"] is None  # the card that fits everything: uncapped
+    assert anchors["anchor nf4_group_leaf_stream 8GiB 1024x1024 b1"] == 8  # the others at the same cap as ours
+    assert ids[14] == "krea nf4 none 512x512 b1"  # other resolutions last
     assert {c["width"] for c in cells if c["kind"] == "anchor"} == {1024}
+    both = bench.plan_cells(bench._settings(_args("--quick", "--anchor-budgets", "none", "8")), ["nf4"],
+                            have_source=True, have={"bf16": True, "nf4": True})
+    assert sum(c["kind"] == "anchor" for c in both) == 1 + 4 * 2
     assert s["steps"] == 3 and s["e2e_steps"] == 4 and s["time_budget"] == 540
     # a flag beats the preset
     assert bench._settings(_args("--quick", "--budgets", "none", "12"))["budgets"] == [None, 12.0]
@@ -143,7 +150,7 @@ def test_bench_tiny_cpu_crash_and_resume(tiny_source, tmp_path, monkeypatch):
     argv = ["--source", str(tiny_source), "--workdir", str(tmp_path / "work"), "--schemes", "nf4",
             "--budgets", "none", "8", "--resolutions", "64x64", "80x48", "--batches", "1", "--steps", "2",
             "--warmup", "1", "--e2e-steps", "2", "--text-tokens", "8", "--anchors", "bf16_resident",
-            "nf4_group_leaf_stream", "--anchor-resolution", "64x64", "--device", "cpu", "--cell-timeout", "300", "--out", str(out)]
+            "nf4_group_leaf_stream", "--anchor-budgets", "none", "--anchor-resolution", "64x64", "--device", "cpu", "--cell-timeout", "300", "--out", str(out)]
     monkeypatch.setenv(bench.ABORT_ENV, "krea nf4 none 80x48")  # this child calls os.abort()
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
     assert bench.run(_args(*argv)) == 0

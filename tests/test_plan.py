@@ -8,7 +8,16 @@ import re
 import pytest
 
 from krea_lite.errors import KreaLiteError
-from krea_lite.plan import MARGIN_BYTES, GiB, Plan, Sizes, plan_for_budget
+from krea_lite.plan import (
+    CUDA_CONTEXT_BYTES,
+    MARGIN_BYTES,
+    STEP_ACTIVATION_BYTES,
+    GiB,
+    Plan,
+    Sizes,
+    card_budget,
+    plan_for_budget,
+)
 
 # FLUX.1 [dev] in NF4 (double quant), T5-XXL NF4 with `wo` bf16, CLIP-L and the VAE in bf16 (bytes).
 FULL = Sizes(
@@ -69,7 +78,16 @@ def test_streams_a_contiguous_tail_singles_first():
 def test_eight_gib_keeps_the_transformer_resident_and_streams_t5():
     p = plan_for_budget(FULL, 8 * GiB)
     assert p.streamed_double == p.streamed_single == ()
-    assert p.t5_streamed and p.vae_tiled and p.peak_phase == "denoise"
+    assert p.t5_streamed and p.vae_tiled
+
+
+def test_an_eight_gib_card_leaves_the_cuda_context_and_streams_only_a_few_single_blocks():
+    assert card_budget(8) == 8 * GiB - CUDA_CONTEXT_BYTES
+    p = plan_for_budget(FULL, card_budget(8))
+    assert p.streamed_double == () and 0 < len(p.streamed_single) <= 8
+    assert p.peak_bytes + p.margin_bytes <= card_budget(8)
+    with pytest.raises(KreaLiteError, match="--vram-gb 0.5 leaves nothing"):
+        card_budget(0.5)
 
 
 def test_tiles_the_vae_at_small_budgets_only():
@@ -86,7 +104,7 @@ def test_larger_images_and_batches_stream_more():
     batch = plan_for_budget(FULL, 7 * GiB, batch=2)
     assert big.step_activation_bytes > base.step_activation_bytes
     assert len(big.streamed_single) > len(base.streamed_single) and len(batch.streamed_single) > len(base.streamed_single)
-    assert base.step_activation_bytes == GiB  # the calibration point: 4096 + 512 tokens
+    assert base.step_activation_bytes == STEP_ACTIVATION_BYTES  # the calibration point: 4096 + 512 tokens
 
 
 def test_raises_with_the_budget_it_needs():

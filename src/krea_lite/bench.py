@@ -40,14 +40,14 @@ PRESETS = {
     "full": dict(schemes=list(SCHEMES), budgets=[None, 16, 12, 8, 6, 4],
                  resolutions=["1024x1024", "512x512", "768x768", "1152x896"], batches=[1, 2],
                  steps=5, warmup=1, e2e_steps=28, anchors=list(ANCHORS), anchor_resolution="1024x1024",
-                 cell_timeout=900, time_budget=0),
+                 anchor_budgets=[None, 8, 4], cell_timeout=900, time_budget=0),
     # One 10-minute H100 command with `--synthetic full` (~2.5 min to write and quantize it): nf4 at
-    # four budgets x two resolutions (~20 s a cell, mostly import + load), the five anchors and the
-    # bf16 reference at 1024². The 540 s budget leaves ~45 s for installing wheels; what no longer
-    # fits (the 512² cells first) is recorded as skipped.
+    # four budgets x two resolutions (~20-40 s a cell, mostly import + load), bf16_resident and the four
+    # other anchors at 8 GiB, and the bf16 reference at 1024². The 540 s budget leaves ~45 s for
+    # installing wheels; what no longer fits (the 512² cells first) is recorded as skipped.
     "quick": dict(schemes=["nf4"], budgets=[None, 8, 6, 4], resolutions=["1024x1024", "512x512"], batches=[1],
                   steps=3, warmup=1, e2e_steps=4, anchors=list(ANCHORS), anchor_resolution="1024x1024",
-                  cell_timeout=120, time_budget=540),
+                  anchor_budgets=[8], cell_timeout=120, time_budget=540),
 }
 END_RESERVE_S = 25  # kept free at the end of --time-budget for the plots and the final table
 MIN_CELL_S = 30  # a cell is not started with less time left than this
@@ -89,6 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--e2e-steps", type=int, help="denoising steps of the end-to-end image")
     m.add_argument("--anchors", nargs="*", choices=ANCHORS, help="diffusers anchors to re-take (none: no flag values)")
     m.add_argument("--anchor-resolution", type=_resolution, metavar="WxH")
+    m.add_argument("--anchor-budgets", nargs="+", type=_budget, metavar="GIB|none",
+                   help="caps for the anchors (bf16_resident always runs uncapped, once)")
     m.add_argument("--cell-timeout", type=float, help="seconds before a cell is killed")
     m.add_argument("--time-budget", type=float, help="seconds for the whole run; cells that no longer fit are "
                    "recorded as skipped (0: no limit)")
@@ -146,8 +148,8 @@ def _budget_name(budget: float | None) -> str:
 def plan_cells(s: dict, schemes: list[str], have_source: bool, have: dict[str, bool]) -> list[dict]:
     """Every cell of the run, most telling first so a --time-budget cut drops the least.
 
-    Order: the first resolution for the first scheme at every budget, the anchors, the bf16
-    reference, the other schemes at the first resolution, then the other resolutions and batches.
+    Order: every scheme at every budget at the first resolution, the anchors (at each anchor budget),
+    the bf16 reference, then the other resolutions and batches.
     `have` says which anchor inputs exist ({"bf16": ..., "nf4": ...}).
     """
     common = {k: s[k] for k in ("steps", "warmup", "e2e_steps", "prompt", "seed", "guidance", "text_tokens")}
@@ -164,11 +166,13 @@ def plan_cells(s: dict, schemes: list[str], have_source: bool, have: dict[str, b
 
     first, rest = shapes[0], shapes[1:]
     aw, ah = s["anchor_resolution"]
-    anchors = [dict(common, id=f"anchor {a} {_rid(aw, ah, 1)}", kind="anchor", name=a, budget_gib=None,
-                    width=aw, height=ah, batch=1, image_tokens=(aw // 16) * (ah // 16))
-               for a in s["anchors"] if have.get(a.split("_")[0])]
-    cells = (krea(schemes[0], *first) if schemes else []) + anchors + ref(*first)
-    cells += [c for sc in schemes[1:] for c in krea(sc, *first)]
+    # bf16_resident is the card that fits everything: uncapped, once. The others run at each anchor budget.
+    anchors = [dict(common, id=f"anchor {a} {'' if bg is None else _budget_name(bg) + ' '}{_rid(aw, ah, 1)}",
+                    kind="anchor", name=a, budget_gib=bg, width=aw, height=ah, batch=1,
+                    image_tokens=(aw // 16) * (ah // 16))
+               for a in s["anchors"] if have.get(a.split("_")[0])
+               for bg in ([None] if a == "bf16_resident" else s["anchor_budgets"])]
+    cells = [c for sc in schemes for c in krea(sc, *first)] + anchors + ref(*first)
     for shape in rest:
         cells += [c for sc in schemes for c in krea(sc, *shape)] + ref(*shape)
     return cells
@@ -533,6 +537,10 @@ def add_fidelity(doc: dict) -> None:
             if not (c["kind"] == "anchor" and c["name"] == "bf16_resident") and st and m.get("step_npy") \
                     and st.get("step_npy"):
                 fid["step_rel_err"] = _rel_err(np.load(m["step_npy"]), np.load(st["step_npy"]))
+            own = _resident(doc, c)  # streaming must not change the result: same bits as the uncapped cell
+            if own is not None and own is not c and m.get("step_npy") and own["metrics"].get("step_npy"):
+                fid["step_equals_resident"] = bool(np.array_equal(np.load(m["step_npy"]),
+                                                                  np.load(own["metrics"]["step_npy"])))
         except (OSError, ValueError) as e:
             fid["error"] = f"{type(e).__name__}: {e}"
         if fid:
@@ -560,6 +568,15 @@ def _bf16_step(doc: dict, c: dict) -> float | None:
     return None
 
 
+def _resident(doc: dict, c: dict) -> dict | None:
+    """The uncapped krea cell of the same scheme and shape as krea cell `c` (its resident baseline)."""
+    if c.get("kind") != "krea":
+        return None
+    return next((a for a in doc["cells"] if a["kind"] == "krea" and a["budget_gib"] is None
+                 and (a["name"], a["width"], a["height"], a["batch"]) == (c["name"], c["width"], c["height"],
+                                                                           c["batch"])), None)
+
+
 def _sorted_cells(doc: dict) -> list[dict]:
     order = {"krea": 0, "anchor": 1, "ref": 2}
     return sorted(doc["cells"], key=lambda c: (
@@ -569,22 +586,29 @@ def _sorted_cells(doc: dict) -> list[dict]:
 
 
 def markdown_table(doc: dict) -> str:
-    head = ("| config | budget | size (b) | s/step | vs bf16 | e2e s (steps) | peak reserved GiB | "
-            "peak alloc GiB | host RSS GiB | load s | disk GiB | latent rel err | step rel err | PSNR dB | "
-            "SSIM | status |")
+    head = ("| config | budget | size (b) | s/step | vs resident | vs bf16 | e2e s (steps) | e2e vs resident | "
+            "peak reserved GiB | peak alloc GiB | host RSS GiB gen / load | load s | disk GiB | latent rel err | "
+            "step rel err | PSNR dB | SSIM | status |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for c in _sorted_cells(doc):
         m, fid = c.get("metrics", {}), c.get("fidelity", {})
         base, sps = _bf16_step(doc, c), m.get("s_per_step")
         ratio = f"{sps / base:.2f}x" if sps and base else ""
+        own = (_resident(doc, c) or {}).get("metrics", {})
+        vs_own = f"{sps / own['s_per_step']:.2f}x" if sps and own.get("s_per_step") else ""
+        if vs_own and fid.get("step_equals_resident") is not None:
+            vs_own += "" if fid["step_equals_resident"] else " (output differs!)"
+        e2e_own = f"{m['e2e_s'] / own['e2e_s']:.2f}x" if m.get("e2e_s") and own.get("e2e_s") else ""
+        rss = " / ".join(_f(m.get(k), ".1f") for k in ("host_rss_gen_peak_gib", "host_rss_load_peak_gib")
+                         if m.get(k) is not None) or _f(m.get("host_rss_peak_gib"), ".1f")
         disk = doc["models"].get(c["name"], {}).get("size_gib") if c["kind"] == "krea" else None
         status = c["status"] + (f": {c['error'][:90]}" if c.get("error") else "")
         rows.append(" | ".join([
             f"| {_label(c)}", _budget_name(c["budget_gib"]), f"{c['width']}x{c['height']} ({c['batch']})",
-            _f(sps, ".4f"), ratio,
-            f"{m['e2e_s']:.2f} ({c['e2e_steps']})" if m.get("e2e_s") is not None else "",
+            _f(sps, ".4f"), vs_own, ratio,
+            f"{m['e2e_s']:.2f} ({c['e2e_steps']})" if m.get("e2e_s") is not None else "", e2e_own,
             _f(m.get("peak_reserved_gib"), ".2f"), _f(m.get("peak_alloc_gib"), ".2f"),
-            _f(m.get("host_rss_peak_gib"), ".1f"), _f(m.get("load_s"), ".1f"), _f(disk, ".2f"),
+            rss, _f(m.get("load_s"), ".1f"), _f(disk, ".2f"),
             _f(fid.get("latent_rel_err"), ".4f"), _f(fid.get("step_rel_err"), ".4f"),
             "identical" if fid.get("identical_images") else _f(fid.get("psnr_db"), ".2f"),
             _f(fid.get("ssim"), ".4f"), status.replace("|", "/") + " |"]))
@@ -774,24 +798,64 @@ def _tokens(c: dict) -> int:
 
 
 class _RssPoller:
-    """Peak resident set size of this process, polled every 20 ms in a daemon thread."""
+    """Peak resident set size of this process, polled every 20 ms in a daemon thread.
+
+    `mark()` ends the load phase: the peak so far is the load peak, and polling starts over for the
+    generation phase (steps and the end-to-end image), where RssAnon (memory not backed by a file, i.e.
+    not page cache that safetensors maps) is tracked too.
+    """
 
     def __init__(self):
         import psutil
 
-        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self.proc, self.peak, self.anon, self.load_peak = psutil.Process(), 0, 0, None
+        self._stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
 
     def _poll(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._sample()
             self._stop.wait(0.02)
 
-    def stop(self) -> float:
+    def _sample(self):
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        if self.load_peak is not None:
+            self.anon = max(self.anon, _rss_anon())
+
+    def mark(self) -> None:
+        self._sample()
+        self.load_peak, self.peak, self.anon = self.peak, 0, 0
+
+    def stop(self) -> dict:
         self._stop.set()
         self.thread.join()
-        return round(max(self.peak, self.proc.memory_info().rss) / GiB, 3)
+        self._sample()
+        if self.load_peak is None:
+            return {"host_rss_peak_gib": round(self.peak / GiB, 3)}
+        return {"host_rss_load_peak_gib": round(self.load_peak / GiB, 3),
+                "host_rss_gen_peak_gib": round(self.peak / GiB, 3),
+                "host_rss_anon_gen_peak_gib": round(self.anon / GiB, 3),
+                "host_rss_peak_gib": round(max(self.load_peak, self.peak) / GiB, 3)}
+
+
+def _rss_anon() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+_RSS: _RssPoller | None = None  # the child's poller, for `_loaded` to mark
+
+
+def _loaded() -> None:
+    if _RSS is not None:
+        _RSS.mark()
 
 
 def _child_main(cell: dict) -> int:
@@ -806,7 +870,8 @@ def _child_main(cell: dict) -> int:
     faulthandler.enable()  # a segfault prints its Python stack into the cell's log
     if os.environ.get(ABORT_ENV) and os.environ[ABORT_ENV] in cell["id"]:
         os.abort()
-    rss = _RssPoller()
+    global _RSS
+    rss = _RSS = _RssPoller()
     try:
         CELL_KINDS[cell["kind"]](cell, result, save)
         return 0
@@ -818,7 +883,7 @@ def _child_main(cell: dict) -> int:
         result["error"] = f"{type(e).__name__}: {msg[0] if msg else ''}"[:400]
         raise
     finally:
-        result["metrics"]["host_rss_peak_gib"] = rss.stop()
+        result["metrics"].update(rss.stop())
         _finish(result["metrics"])
         save()
 
@@ -892,6 +957,9 @@ def _time_steps(transformer, cell: dict, dev, result: dict, save, placement=None
     save()
     m = result["metrics"]
     kw = _step_inputs(transformer, cell, dev)
+    streamers = list(getattr(placement, "streamers", {}).values())
+    for st in streamers:  # CUDA events around each wait for a copy: how long the GPU sat idle on PCIe
+        st.profile = True
     _reset_peaks(dev)
     times = []
     with torch.inference_mode():
@@ -912,6 +980,9 @@ def _time_steps(transformer, cell: dict, dev, result: dict, save, placement=None
         st = {k: v for k, v in placement.stats().items() if k != "on_demand"}
         m["copied_gib_per_step"] = round(sum(v["bytes_copied"] for v in st.values()) / len(times) / GiB, 4)
         m["stream_misses"] = sum(v["misses"] for v in st.values())
+        m["copy_wait_ms_per_step"] = round(sum(v.get("wait_ms", 0.0) for v in st.values()) / len(times), 3)
+    for st in streamers:
+        st.profile = False
     m["step_times_s"] = [round(t, 5) for t in times]
     m["s_per_step"] = round(float(np.median(times)), 5)
     _peaks(dev, m, "step_")
@@ -931,8 +1002,11 @@ def _e2e(pipe, cell: dict, dev, result: dict, save) -> None:
     m = result["metrics"]
     final = {}
 
-    def keep(_pipe, _i, _t, kw):
+    def keep(_pipe, i, _t, kw):  # per-phase peaks: text encoding + step 1, the other steps, the VAE decode
         final["latents"] = kw["latents"]
+        if i in (0, cell["e2e_steps"] - 1):
+            _peaks(dev, m, f"e2e_{'encode' if i == 0 else 'denoise'}_")
+            _reset_peaks(dev)
         return {}
 
     pipe.set_progress_bar_config(disable=True)
@@ -947,7 +1021,11 @@ def _e2e(pipe, cell: dict, dev, result: dict, save) -> None:
                       callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"]).images
     _sync(dev)
     m["e2e_s"] = round(time.perf_counter() - t0, 3)
-    _peaks(dev, m, "e2e_")
+    _peaks(dev, m, "e2e_decode_")
+    for kind in ("alloc", "reserved"):
+        phases = [m[k] for p in ("encode", "denoise", "decode") if (k := f"e2e_{p}_peak_{kind}_gib") in m]
+        if phases:
+            m[f"e2e_peak_{kind}_gib"] = max(phases)
     base = Path(cell["scratch"]) / cell["key"]
     np.save(f"{base}.latent.npy", final["latents"].float().cpu().numpy())
     m["latent_npy"] = f"{base}.latent.npy"
@@ -1052,9 +1130,11 @@ def _cell_krea(cell: dict, result: dict, save) -> None:
                          height=cell["height"], batch=cell["batch"])
     _sync(dev)
     m["load_s"] = round(time.perf_counter() - t0, 2)
+    _loaded()
     _peaks(dev, m, "load_")
     if dev.type == "cuda":
         m["loaded_alloc_gib"] = round(torch.cuda.memory_allocated(dev) / GiB, 3)  # weights (+ slots) at rest
+    m["load_seconds"] = pipe.krea_lite.seconds
     plan = getattr(pipe.krea_lite, "plan", None)
     m["plan"] = _plan_summary(plan) if plan is not None else None
     m["streamed_gib"] = (m["plan"] or {}).get("streamed_gib", 0.0)
@@ -1086,12 +1166,13 @@ def _plan_summary(plan) -> dict:
 
 
 def _cell_anchor(cell: dict, result: dict, save) -> None:
-    """What diffusers gives today, taken the way ANCHORS.md took it."""
+    """What diffusers gives today, taken the way ANCHORS.md took it (under the cell's cap, if any)."""
     import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     m, name = result["metrics"], cell["name"]
     dev = _device(cell)
+    _cap(dev, cell.get("budget_gib"), m)
     bf16 = torch.bfloat16
     result["phase"] = "load"
     save()  # a crash from here on is reported in this phase
@@ -1115,6 +1196,7 @@ def _cell_anchor(cell: dict, result: dict, save) -> None:
         pipe.enable_model_cpu_offload(device=dev)
     _sync(dev)
     m["load_s"] = round(time.perf_counter() - t0, 2)
+    _loaded()
     _peaks(dev, m, "load_")
     save()
     _time_steps(tr, cell, dev, result, save)
@@ -1140,6 +1222,7 @@ def _cell_ref(cell: dict, result: dict, save) -> None:
     else:
         pipe.to(dev)
     m["load_s"] = round(time.perf_counter() - t0, 2)
+    _loaded()
     save()
     _e2e(pipe, cell, dev, result, save)
 

@@ -109,11 +109,11 @@ def cmd_demo(args) -> int:
 
 def cmd_plan(args) -> int:
     from .pipeline import load_pipeline
-    from .plan import measure, plan_for_budget
+    from .plan import card_budget, measure, plan_for_budget
 
     _no_loading_bars()  # the plan table is the output
     pipe = load_pipeline(args.model, device="cpu", verify="none")
-    budget = None if args.vram_gb is None else int(args.vram_gb * 2**30)
+    budget = None if args.vram_gb is None else card_budget(args.vram_gb)
     print(plan_for_budget(measure(pipe), budget, width=args.width, height=args.height, batch=args.batch).table())
     return 0
 
@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="krea-lite-out", help="output folder for PNGs")
     g.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     g.add_argument("--vram-gb", type=float,
-                   help="GPU memory to plan for and hold this process to (default: what the card has free)")
+                   help="the card's memory in GiB: plan for it (less 0.75 GiB of CUDA context) and hold this process "
+                        "to it (default: what the card has free)")
     g.add_argument("--verify", action="store_true", help="check every file's sha256 before loading")
     g.add_argument("--verbose", action="store_true", help="print the placement plan")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -196,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", **fmt, help="show where every weight would live for a VRAM budget")
     pl.add_argument("--model", required=True, help="folder written by `krea-lite quantize`")
-    pl.add_argument("--vram-gb", type=float, help="GPU memory to plan for (default: what the card has free)")
+    pl.add_argument("--vram-gb", type=float, help="the card's memory in GiB (less 0.75 GiB of CUDA context; "
+                    "default: what the card has free)")
     pl.add_argument("--width", type=int, default=gen.width, help="largest image width")
     pl.add_argument("--height", type=int, default=gen.height, help="largest image height")
     pl.add_argument("--batch", type=int, default=1, help="images per call")

@@ -8,6 +8,7 @@ Placement on the GPU (what stays resident, what streams) is decided afterwards b
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class LoadInfo:
     device: str
     plan: object | None = None  # plan.Plan (None on the CPU)
     placement: object | None = None  # streaming.Placement: stats() of the streaming engine, remove()
+    seconds: dict | None = None  # where loading spent its time: verify, each component, place
 
 
 def load_component(folder: Path, component: str, info: dict) -> nn.Module:
@@ -89,7 +91,8 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
     Args:
         path: a folder written by `quantize_pipeline`.
         device: "cuda", "cuda:N" or "cpu"; default CUDA when available.
-        vram_gb: the GPU memory the pipeline may use; default: what the card has free.
+        vram_gb: the card's memory in GiB (the plan leaves `plan.CUDA_CONTEXT_BYTES` of it to the CUDA
+            context); default: what the card has free.
         width, height, batch: the largest images you will generate (activations are planned for them).
         verify: "quick" (files present, sizes, headers), "full" (also every sha256) or "none".
 
@@ -105,14 +108,25 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
         raise KreaLiteError("--vram-gb needs a CUDA device; drop it to run on the CPU")
     if verify not in ("quick", "full", "none"):
         raise KreaLiteError(f"verify={verify!r}: use 'quick', 'full' or 'none'")
+    seconds, t0 = {}, time.perf_counter()
+
+    def lap(what):
+        nonlocal t0
+        seconds[what] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+
     if verify == "none":
         manifest = read_manifest(path)
     else:
         manifest = verify_checkpoint(path, full=verify == "full")
+    lap("verify")
     comps = manifest["components"]
+    transformer = load_component(path / "transformer", "transformer", comps["transformer"])
+    lap("transformer")
+    text_encoder_2 = load_component(path / "text_encoder_2", "text_encoder_2", comps["text_encoder_2"])
+    lap("text_encoder_2")
     pipe = FluxPipeline(
-        transformer=load_component(path / "transformer", "transformer", comps["transformer"]),
-        text_encoder_2=load_component(path / "text_encoder_2", "text_encoder_2", comps["text_encoder_2"]),
+        transformer=transformer, text_encoder_2=text_encoder_2,
         text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch.bfloat16,
                                                    use_safetensors=True),
         vae=AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch.bfloat16, use_safetensors=True),
@@ -120,13 +134,16 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
         tokenizer_2=T5TokenizerFast.from_pretrained(path / "tokenizer_2"),
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"),
     )
-    pipe.krea_lite = LoadInfo(path=path, manifest=manifest, device=device)
+    lap("clip_vae_tokenizers")
+    pipe.krea_lite = LoadInfo(path=path, manifest=manifest, device=device, seconds=seconds)
     if device != "cpu":
-        from .plan import measure, plan_for_budget
+        from .plan import card_budget, measure, plan_for_budget
 
-        # no budget given: what this card (not the current device) has free
-        budget = torch.cuda.mem_get_info(torch.device(device))[0] if vram_gb is None else int(vram_gb * 2**30)
+        # no budget given: what this card (not the current device) has free, the CUDA context already taken
+        budget = torch.cuda.mem_get_info(torch.device(device))[0] if vram_gb is None else card_budget(vram_gb)
         place(pipe, plan_for_budget(measure(pipe), budget, width=width, height=height, batch=batch))
+        torch.cuda.synchronize(device)
+        lap("place")
     return pipe
 
 

@@ -1,8 +1,8 @@
 """plan_for_budget: which weights live on the GPU, which stream, for a VRAM budget.
 
 The budget is what torch's caching allocator may reserve on the GPU, i.e. the cap that
-`torch.cuda.set_per_process_memory_fraction` enforces. The CUDA context (~0.3-0.5 GiB) lies outside
-it: on an 8 GB card, about 7 GiB is the budget.
+`torch.cuda.set_per_process_memory_fraction` enforces. The CUDA context lies outside it: a card of
+N GiB (`--vram-gb N`, `card_budget`) gives the planner N - 0.75 GiB.
 
 A generation has three phases, and the plan must fit the largest of them:
     encode   CLIP, then T5 (text tokens only)
@@ -30,16 +30,17 @@ from .errors import KreaLiteError
 GiB = 2**30
 TEXT_TOKENS = 512  # FLUX.1 [dev] pads the T5 prompt to 512 tokens
 
-# Activation model. First guesses, TO BE CALIBRATED on the GPU (peak allocated minus weights at
-# 1024x1024, batch 1, on an H100); every estimate the planner makes comes from these four numbers.
-STEP_ACTIVATION_BYTES = int(1.0 * GiB)  # one transformer step at 4608 tokens, batch 1
-STEP_ACTIVATION_TOKENS = 4608  # ... linear in batch * tokens (SDPA attention memory is linear)
-VAE_DECODE_BYTES_PER_PIXEL = 3.5 * GiB / (1024 * 1024)  # untiled bf16 decode, batch 1: 3.5 GiB at 1024^2
+# Activation model, calibrated on an H200 (torch 2.11, diffusers 0.42.1, full-size synthetic NF4 FLUX,
+# 2026-11-27): peak allocated minus the weights at rest. Every estimate the planner makes comes from these.
+STEP_ACTIVATION_BYTES = int(0.55 * GiB)  # one transformer step, batch 1, at STEP_ACTIVATION_TOKENS (measured 0.50)
+STEP_ACTIVATION_TOKENS = 4096 + TEXT_TOKENS  # 1024x1024 is 4096 image tokens; linear in batch * tokens (SDPA)
+VAE_DECODE_BYTES_PER_PIXEL = 2.5 * GiB / (1024 * 1024)  # untiled bf16 decode, batch 1 (measured 2.41 GiB at 1024^2)
 VAE_TILE_PX = 512  # tiled decode: 512 px tiles (64 latents), 25% overlap (diffusers' default overlap)
 VAE_TILED_BYTES = int(0.6 * GiB)  # tiled decode per image with VAE_TILE_PX tiles, independent of image size (estimate)
 ENCODE_ACTIVATION_BYTES = int(0.25 * GiB)  # T5-XXL at 512 tokens (+ CLIP), per prompt
-# What the allocator reserves beyond what the estimate counts: fragmentation (reserved - allocated)
-# and the small tensors not modelled (latents, RoPE tables, scheduler state). To be calibrated too.
+# A card of N GiB gives torch's allocator less than N: the CUDA context, cuBLAS workspaces and kernels live
+# outside it (measured: 0.75 GiB on the H200 above, device used minus reserved). `--vram-gb` names the card.
+CUDA_CONTEXT_BYTES = int(0.75 * GiB)
 MARGIN_BYTES = int(0.4 * GiB)
 
 PREFETCH = 2  # GPU slots per streamed block list: block k computes while block k+1 is copied
@@ -282,6 +283,14 @@ def _phases(s: Sizes, c: _Choice, step_act: int, decode_act: int, encode_act: in
     return (("encode", always + encode), ("denoise", always + step_act), ("decode", always + decode))
 
 
+def card_budget(vram_gb: float) -> int:
+    """The allocator's budget on a card with `vram_gb` GiB: the card less `CUDA_CONTEXT_BYTES`."""
+    if not vram_gb > CUDA_CONTEXT_BYTES / GiB:
+        raise KreaLiteError(f"--vram-gb {vram_gb:g} leaves nothing for the model after the CUDA context "
+                            f"({CUDA_CONTEXT_BYTES / GiB:.2f} GiB); give the card's memory in GiB, e.g. --vram-gb 8")
+    return int(vram_gb * GiB) - CUDA_CONTEXT_BYTES
+
+
 def _free_cuda_bytes() -> int | None:
     import torch
 
@@ -343,7 +352,7 @@ def plan_for_budget(sizes: Sizes, budget_bytes: int | None, width: int = 1024, h
         raise KreaLiteError(
             f"a VRAM budget of {budget / GiB:.2f} GiB is too small for {width}x{height}, batch {batch}: even with "
             f"every block streamed and a tiled VAE it needs {need / GiB:.2f} GiB; give at least "
-            f"--vram-gb {(need + GiB // 20) / GiB:.1f}, or generate smaller images")
+            f"--vram-gb {(need + CUDA_CONTEXT_BYTES + GiB // 20) / GiB:.1f}, or generate smaller images")
     if conservative:
         # Move SHRINK_BLOCKS further along the streaming part of the list, then on to the next that fits.
         first_stream = next((i for i, c in enumerate(choices) if c.n_single or c.n_double), len(choices) - 1)
