@@ -111,8 +111,14 @@ def test_reports_label_and_dominance(tmp_path):
     assert "8 GiB" in dom[0] and "compute dominates" in dom[0] and "overlap poorly" not in dom[0]
     assert "4 GiB" in dom[1] and "compute dominates" in dom[1] and "0.118 s" in dom[1]  # 5.5 GiB / 50 GB/s
     assert "overlap poorly" in dom[1]  # 0.30 s measured, 0.18 s compute
+    doc["cells"][2]["metrics"]["copy_wait_ms_per_step"] = 2.0  # the GPU barely waited: not the copies
+    assert "not copy waits" in bench.dominance(doc)[1] and "overlap poorly" not in bench.dominance(doc)[1]
     doc["env"]["h2d_gbps"] = 20.0
     assert "weight traffic dominates" in bench.dominance(doc)[1]  # 0.295 s of copy > 0.18 s of compute
+    doc["cells"][1]["fidelity"] = {"step_equals_resident": False}
+    rows = {r.split(" | ")[1]: r for r in bench.markdown_table(doc).splitlines() if r.startswith("| krea-lite")}
+    assert " 1.06x (output differs!) " in rows["8GiB"] and " 1.67x " in rows["4GiB"]  # vs the uncapped nf4 cell
+    assert " 1.05x " in rows["8GiB"]  # e2e 2.1 s vs 2.0 s
     paths = bench.save_reports(doc, tmp_path / "r.json", plots=True)
     assert [p.name for p in paths] == ["r.json", "r.md", "r-vram.png", "r-budget.png", "r-tokens.png"]
     assert all(p.stat().st_size > 0 for p in paths)
@@ -186,3 +192,16 @@ def test_bench_tiny_cpu_crash_and_resume(tiny_source, tmp_path, monkeypatch):
     again = {c["id"]: c for c in json.loads(out.read_text())["cells"]}
     assert {k: c["status"] for k, c in again.items()} == {k: c["status"] for k, c in cells.items()}
     assert again["krea nf4 none 64x64 b1"]["metrics"] == m
+
+
+def test_fidelity_checks_streamed_steps_against_the_resident_cell(tmp_path):
+    doc = _doc()
+    same, other = tmp_path / "a.npy", tmp_path / "b.npy"
+    np.save(same, np.arange(6.0))
+    np.save(other, np.arange(6.0) + 1e-6)
+    for c, path in zip(doc["cells"][:3], (same, same, other), strict=True):
+        c["metrics"]["step_npy"] = str(path)
+    bench.add_fidelity(doc)
+    assert "step_equals_resident" not in doc["cells"][0].get("fidelity", {})  # the resident cell itself
+    assert doc["cells"][1]["fidelity"]["step_equals_resident"] is True
+    assert doc["cells"][2]["fidelity"]["step_equals_resident"] is False

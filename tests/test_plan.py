@@ -11,7 +11,6 @@ from krea_lite.errors import KreaLiteError
 from krea_lite.plan import (
     CUDA_CONTEXT_BYTES,
     MARGIN_BYTES,
-    STEP_ACTIVATION_BYTES,
     GiB,
     Plan,
     Sizes,
@@ -104,7 +103,9 @@ def test_larger_images_and_batches_stream_more():
     batch = plan_for_budget(FULL, 7 * GiB, batch=2)
     assert big.step_activation_bytes > base.step_activation_bytes
     assert len(big.streamed_single) > len(base.streamed_single) and len(batch.streamed_single) > len(base.streamed_single)
-    assert base.step_activation_bytes == STEP_ACTIVATION_BYTES  # the calibration point: 4096 + 512 tokens
+    # the calibration points, with ~10% headroom: measured 0.50 GiB at 4096 + 512 tokens, 0.25 at 1024 + 512
+    assert 0.50 * GiB < base.step_activation_bytes < 0.56 * GiB
+    assert 0.25 * GiB < plan_for_budget(FULL, 7 * GiB, width=512, height=512).step_activation_bytes < 0.30 * GiB
 
 
 def test_raises_with_the_budget_it_needs():

@@ -616,38 +616,47 @@ def markdown_table(doc: dict) -> str:
 
 
 def dominance(doc: dict) -> list[str]:
-    """One sentence per budget on which term dominates a streamed step, from measured numbers only.
+    """One sentence per budget and shape on which term dominates a streamed step, from measured numbers only.
 
     A streamed step costs at least max(compute, copy): compute = the resident s/step of the same
     scheme and shape; copy = bytes streamed per step / the measured pinned host->device bandwidth.
-    Time above that maximum is overlap the engine did not get.
+    Time above that maximum is overlap the engine did not get; the copy waits are what the GPU itself
+    spent idle waiting for weights (CUDA events around each wait).
     """
     bw = doc["env"].get("h2d_gbps")
     s = doc["settings"]
-    (w, h), b = s["resolutions"][0], s["batches"][0]
-    by = {(c["name"], c["budget_gib"]): c for c in doc["cells"]
-          if c["kind"] == "krea" and (c["width"], c["height"], c["batch"]) == (w, h, b)}
     lines = []
-    for budget in [x for x in s["budgets"] if x is not None]:
-        parts = []
-        for scheme in [sc for sc in SCHEMES if (sc, budget) in by]:
-            c, m = by[(scheme, budget)], by[(scheme, budget)].get("metrics", {})
-            t, gib = m.get("s_per_step"), m.get("copied_gib_per_step", m.get("streamed_gib"))
-            t0 = by.get((scheme, None), {}).get("metrics", {}).get("s_per_step")
-            if t is None or t0 is None:
-                parts.append(f"{scheme}: {c['status']}" + (f" ({c['error'][:80]})" if c.get("error") else ""))
-                continue
-            text = f"{scheme} {t:.3f} s/step = {t / t0:.2f}x resident"
-            if gib is not None and bw:
-                copy = gib * GiB / (bw * 1e9)
-                term = "weight traffic" if copy > t0 else "compute"
-                text += (f"; {term} dominates: compute {t0:.3f} s vs copy {gib:.2f} GiB / {bw:.1f} GB/s = "
-                         f"{copy:.3f} s")
-                if t - max(t0, copy) > 0.15 * t:
-                    text += f", and {t - max(t0, copy):.3f} s more than either: copy and compute overlap poorly"
-            parts.append(text)
-        if parts:
-            lines.append(f"- **{budget:g} GiB** ({w}x{h}, batch {b}): " + "; ".join(parts) + ".")
+    for (w, h), b in [(r, b) for r in s["resolutions"] for b in s["batches"]]:
+        by = {(c["name"], c["budget_gib"]): c for c in doc["cells"]
+              if c["kind"] == "krea" and (c["width"], c["height"], c["batch"]) == (w, h, b)}
+        for budget in [x for x in s["budgets"] if x is not None]:
+            parts = []
+            for scheme in [sc for sc in SCHEMES if (sc, budget) in by]:
+                c, m = by[(scheme, budget)], by[(scheme, budget)].get("metrics", {})
+                t, gib = m.get("s_per_step"), m.get("copied_gib_per_step", m.get("streamed_gib"))
+                t0 = by.get((scheme, None), {}).get("metrics", {}).get("s_per_step")
+                if t is None or t0 is None:
+                    parts.append(f"{scheme}: {c['status']}" + (f" ({c['error'][:80]})" if c.get("error") else ""))
+                    continue
+                text = f"{scheme} {t:.3f} s/step = {t / t0:.2f}x resident"
+                if gib and bw:
+                    copy = gib * GiB / (bw * 1e9)
+                    term = "weight traffic" if copy > t0 else "compute"
+                    text += (f"; {term} dominates: compute {t0:.3f} s vs copy {gib:.2f} GiB / {bw:.1f} GB/s = "
+                             f"{copy:.3f} s")
+                    wait = m.get("copy_wait_ms_per_step")
+                    if wait is not None:
+                        text += f"; the GPU waited {wait:.1f} ms/step for copies"
+                    extra = t - max(t0, copy)
+                    if extra > 0.15 * t:
+                        text += f", and {extra:.3f} s more than either: " + (
+                            "not copy waits, so run-to-run variance of the step itself" if wait is not None
+                            and wait / 1e3 < 0.25 * extra else "copy and compute overlap poorly")
+                elif gib == 0:
+                    text += "; nothing streamed (compute only)"
+                parts.append(text)
+            if parts:
+                lines.append(f"- **{budget:g} GiB** ({w}x{h}, batch {b}): " + "; ".join(parts) + ".")
     return lines
 
 
@@ -1115,6 +1124,7 @@ def _cell_prepare(cell: dict, result: dict, save) -> None:
 
 def _cell_krea(cell: dict, result: dict, save) -> None:
     """A krea-lite folder through load_pipeline at a budget: load, steps, one image."""
+    import diffusers  # noqa: F401  imported before the clock starts, as in the anchor cells
     import torch
 
     from .pipeline import load_pipeline

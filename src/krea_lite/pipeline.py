@@ -8,6 +8,7 @@ Placement on the GPU (what stays resident, what streams) is decided afterwards b
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,7 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
         budget = torch.cuda.mem_get_info(torch.device(device))[0] if vram_gb is None else card_budget(vram_gb)
         place(pipe, plan_for_budget(measure(pipe), budget, width=width, height=height, batch=batch))
         torch.cuda.synchronize(device)
+        gc.collect()  # the CPU copies of what moved: release their file mappings now, not at some later step
         lap("place")
     return pipe
 

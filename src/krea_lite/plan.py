@@ -32,12 +32,14 @@ TEXT_TOKENS = 512  # FLUX.1 [dev] pads the T5 prompt to 512 tokens
 
 # Activation model, calibrated on an H200 (torch 2.11, diffusers 0.42.1, full-size synthetic NF4 FLUX,
 # 2026-11-27): peak allocated minus the weights at rest. Every estimate the planner makes comes from these.
-STEP_ACTIVATION_BYTES = int(0.55 * GiB)  # one transformer step, batch 1, at STEP_ACTIVATION_TOKENS (measured 0.50)
-STEP_ACTIVATION_TOKENS = 4096 + TEXT_TOKENS  # 1024x1024 is 4096 image tokens; linear in batch * tokens (SDPA)
+# One transformer step: a fixed part plus a part linear in batch x (image + text) tokens (SDPA attention
+# memory is linear). Measured 0.50 GiB at 1024^2 (4096 + 512 tokens) and 0.25 GiB at 512^2 (1024 + 512).
+STEP_ACTIVATION_FIXED_BYTES = int(0.15 * GiB)
+STEP_ACTIVATION_BYTES_PER_TOKEN = int(0.085 * GiB / 1000)
 VAE_DECODE_BYTES_PER_PIXEL = 2.5 * GiB / (1024 * 1024)  # untiled bf16 decode, batch 1 (measured 2.41 GiB at 1024^2)
 VAE_TILE_PX = 512  # tiled decode: 512 px tiles (64 latents), 25% overlap (diffusers' default overlap)
-VAE_TILED_BYTES = int(0.6 * GiB)  # tiled decode per image with VAE_TILE_PX tiles, independent of image size (estimate)
-ENCODE_ACTIVATION_BYTES = int(0.25 * GiB)  # T5-XXL at 512 tokens (+ CLIP), per prompt
+VAE_TILED_BYTES = int(0.65 * GiB)  # tiled decode per image with VAE_TILE_PX tiles, any image size (measured 0.64)
+ENCODE_ACTIVATION_BYTES = int(0.25 * GiB)  # T5-XXL at 512 tokens (+ CLIP), per prompt (measured 0.25)
 # A card of N GiB gives torch's allocator less than N: the CUDA context, cuBLAS workspaces and kernels live
 # outside it (measured: 0.75 GiB on the H200 above, device used minus reserved). `--vram-gb` names the card.
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)
@@ -332,7 +334,7 @@ def plan_for_budget(sizes: Sizes, budget_bytes: int | None, width: int = 1024, h
     budget = _free_cuda_bytes() if budget_bytes is None else budget_bytes
 
     tokens = batch * ((height // 16) * (width // 16) + TEXT_TOKENS)
-    step_act = STEP_ACTIVATION_BYTES * tokens // STEP_ACTIVATION_TOKENS
+    step_act = STEP_ACTIVATION_FIXED_BYTES + STEP_ACTIVATION_BYTES_PER_TOKEN * tokens
     untiled = int(VAE_DECODE_BYTES_PER_PIXEL * width * height * batch)
     tiled = min(untiled, VAE_TILED_BYTES * batch)
     encode_act = ENCODE_ACTIVATION_BYTES * batch
