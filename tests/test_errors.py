@@ -502,10 +502,10 @@ def test_vram_budget_too_small_says_what_is_needed(capsys, quantized):
 
     folder = quantized("nf4")
     sizes = measure(load_pipeline(folder, device="cpu", verify="none"))
-    with pytest.raises(KreaLiteError, match=r"0\.10 GiB is too small for 1024x1024, batch 1: .* needs \d+\.\d+ GiB"):
+    with pytest.raises(KreaLiteError, match=r"0\.10 GiB \(what torch may allocate, CUDA context excluded\) is too small for 1024x1024, batch 1: .* needs \d+\.\d+ GiB"):
         plan_for_budget(sizes, int(0.1 * 2**30), width=1024, height=1024, batch=1)
     capsys.readouterr()
-    err = cli_error(capsys, "plan", "--model", folder, "--vram-gb", "0.8")  # 0.05 GiB after the CUDA context
+    err = cli_error(capsys, "plan", "--model", folder, "--vram-gb", "0.9")  # 0.05 GiB after the CUDA context
     suggested = re.search(r"give at least --vram-gb (\d+\.\d)", err)
     assert suggested, err
     assert main(["plan", "--model", str(folder), "--vram-gb", suggested.group(1)]) == 0  # the advice works

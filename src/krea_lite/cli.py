@@ -70,16 +70,18 @@ def cmd_generate(args) -> int:
 
 
 def _cap_cuda_memory(device: str | None, vram_gb: float) -> None:
-    """Hold this process to the budget, so that --vram-gb 8 on a larger card behaves like an 8 GB card
-    (and the out-of-memory fallback can act) instead of silently using more."""
+    """Hold this process to what an 8 GB card would leave torch (`plan.card_budget`), so that --vram-gb 8 on
+    a larger card behaves like an 8 GB card (and the out-of-memory fallback can act) instead of using more."""
     import torch
+
+    from .plan import card_budget
 
     if not torch.cuda.is_available() or (device or "cuda") == "cpu":
         return  # load_pipeline reports --vram-gb without CUDA
     dev = torch.device(device or "cuda")
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, vram_gb * 2**30 / total), index)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, card_budget(vram_gb) / total), index)
 
 
 def cmd_verify(args) -> int:
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="krea-lite-out", help="output folder for PNGs")
     g.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     g.add_argument("--vram-gb", type=float,
-                   help="the card's memory in GiB: plan for it (less 0.75 GiB of CUDA context) and hold this process "
+                   help="the card's memory in GiB: plan for it (less 0.85 GiB of CUDA context) and hold this process "
                         "to it (default: what the card has free)")
     g.add_argument("--verify", action="store_true", help="check every file's sha256 before loading")
     g.add_argument("--verbose", action="store_true", help="print the placement plan")
@@ -197,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", **fmt, help="show where every weight would live for a VRAM budget")
     pl.add_argument("--model", required=True, help="folder written by `krea-lite quantize`")
-    pl.add_argument("--vram-gb", type=float, help="the card's memory in GiB (less 0.75 GiB of CUDA context; "
+    pl.add_argument("--vram-gb", type=float, help="the card's memory in GiB (less 0.85 GiB of CUDA context; "
                     "default: what the card has free)")
     pl.add_argument("--width", type=int, default=gen.width, help="largest image width")
     pl.add_argument("--height", type=int, default=gen.height, help="largest image height")
