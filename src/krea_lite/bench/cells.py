@@ -1,0 +1,454 @@
+"""krea-lite bench, the child: one cell, one process (torch and diffusers are imported here only).
+
+`python -m krea_lite.bench --cell JSON` reaches `_child_main` through `runner.run`; it writes the
+cell's result JSON as it goes, so a crash still leaves the phase it died in and what was measured.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from .matrix import GiB
+
+ABORT_ENV = "KREA_LITE_BENCH_ABORT"  # tests: a child whose cell id contains this value calls os.abort()
+
+
+class _RssPoller:
+    """Peak resident set size of this process, polled every 20 ms in a daemon thread.
+
+    `mark()` ends the load phase: the peak so far is the load peak, and polling starts over for the
+    generation phase (steps and the end-to-end image), where RssAnon (memory not backed by a file, i.e.
+    not page cache that safetensors maps) is tracked too.
+    """
+
+    def __init__(self):
+        import psutil
+
+        self.proc, self.peak, self.anon, self.load_peak = psutil.Process(), 0, 0, None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(0.02)
+
+    def _sample(self):
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        if self.load_peak is not None:
+            self.anon = max(self.anon, _rss_anon())
+
+    def mark(self) -> None:
+        self._sample()
+        self.load_peak, self.peak, self.anon = self.peak, 0, 0
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self.thread.join()
+        self._sample()
+        if self.load_peak is None:
+            return {"host_rss_peak_gib": round(self.peak / GiB, 3)}
+        return {"host_rss_load_peak_gib": round(self.load_peak / GiB, 3),
+                "host_rss_gen_peak_gib": round(self.peak / GiB, 3),
+                "host_rss_anon_gen_peak_gib": round(self.anon / GiB, 3),
+                "host_rss_peak_gib": round(max(self.load_peak, self.peak) / GiB, 3)}
+
+
+def _rss_anon() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+_RSS: _RssPoller | None = None  # the child's poller, for `_loaded` to mark
+
+
+def _loaded() -> None:
+    if _RSS is not None:
+        _RSS.mark()
+
+
+def _child_main(cell: dict) -> int:
+    result: dict = {"metrics": {}, "phase": "start"}
+
+    def save():
+        path = Path(cell["result_path"])
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, path)
+
+    faulthandler.enable()  # a segfault prints its Python stack into the cell's log
+    if os.environ.get(ABORT_ENV) and os.environ[ABORT_ENV] in cell["id"]:
+        os.abort()
+    global _RSS
+    rss = _RSS = _RssPoller()
+    try:
+        CELL_KINDS[cell["kind"]](cell, result, save)
+        return 0
+    except _Skip as e:
+        result["skipped"] = str(e)
+        return 0
+    except BaseException as e:
+        msg = str(e).strip().splitlines()
+        result["error"] = f"{type(e).__name__}: {msg[0] if msg else ''}"[:400]
+        raise
+    finally:
+        result["metrics"].update(rss.stop())
+        _finish(result["metrics"])
+        save()
+
+
+class _Skip(Exception):
+    """Raised in a child for a cell that does not apply (recorded as skipped, not as a crash)."""
+
+
+def _device(cell):
+    import torch
+
+    dev = cell.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise _Skip("needs CUDA")
+    return torch.device(dev)
+
+
+def _sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _peaks(dev, m: dict, prefix: str) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        m[f"{prefix}peak_alloc_gib"] = round(torch.cuda.max_memory_allocated(dev) / GiB, 3)
+        m[f"{prefix}peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(dev) / GiB, 3)
+
+
+def _reset_peaks(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _step_inputs(transformer, cell: dict, dev) -> dict:
+    """ANCHORS.md inputs: seeded random latents and text states, timestep 0.5, guidance 3.5, zero ids."""
+    import torch
+
+    cfg = transformer.config
+    b, tokens, text = cell["batch"], (cell["width"] // 16) * (cell["height"] // 16), cell["text_tokens"]
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dev, torch.bfloat16)
+
+    kw = dict(hidden_states=rnd(b, tokens, cfg.in_channels),
+              encoder_hidden_states=rnd(b, text, cfg.joint_attention_dim),
+              pooled_projections=rnd(b, cfg.pooled_projection_dim),
+              timestep=torch.full((b,), 0.5, device=dev, dtype=torch.bfloat16),
+              img_ids=torch.zeros(tokens, 3, device=dev, dtype=torch.bfloat16),
+              txt_ids=torch.zeros(text, 3, device=dev, dtype=torch.bfloat16), return_dict=False)
+    if cfg.guidance_embeds:
+        kw["guidance"] = torch.full((b,), 3.5, device=dev, dtype=torch.float32)  # as FluxPipeline passes it
+    return kw
+
+
+def _time_steps(transformer, cell: dict, dev, result: dict, save, placement=None) -> None:
+    """Median of `steps` synchronized forwards after `warmup`; peaks over warm-up and timed steps.
+
+    With the streaming engine's `placement`, also the bytes it actually copied per timed step.
+    """
+    import numpy as np
+    import torch
+
+    result["phase"] = "step"
+    save()
+    m = result["metrics"]
+    kw = _step_inputs(transformer, cell, dev)
+    streamers = list(getattr(placement, "streamers", {}).values())
+    for st in streamers:  # CUDA events around each wait for a copy: how long the GPU sat idle on PCIe
+        st.profile = True
+    _reset_peaks(dev)
+    times = []
+    with torch.inference_mode():
+        for i in range(cell["warmup"] + cell["steps"]):
+            _sync(dev)
+            t0 = time.perf_counter()
+            out = transformer(**kw)[0]
+            _sync(dev)
+            if i >= cell["warmup"]:
+                times.append(time.perf_counter() - t0)
+            if i == cell["warmup"] - 1 and placement is not None:
+                placement.stats(reset=True)
+            if i == cell["warmup"]:
+                path = Path(cell["scratch"]) / f"{cell['key']}.step.npy"
+                np.save(path, out.float().cpu().numpy())
+                m["step_npy"] = str(path)
+    if placement is not None:
+        st = {k: v for k, v in placement.stats().items() if k != "on_demand"}
+        m["copied_gib_per_step"] = round(sum(v["bytes_copied"] for v in st.values()) / len(times) / GiB, 4)
+        m["stream_misses"] = sum(v["misses"] for v in st.values())
+        m["copy_wait_ms_per_step"] = round(sum(v.get("wait_ms", 0.0) for v in st.values()) / len(times), 3)
+    for st in streamers:
+        st.profile = False
+    m["step_times_s"] = [round(t, 5) for t in times]
+    m["s_per_step"] = round(float(np.median(times)), 5)
+    _peaks(dev, m, "step_")
+    if dev.type == "cuda":
+        free, total = torch.cuda.mem_get_info(dev)
+        m["device_used_gib"] = round((total - free) / GiB, 3)  # includes the CUDA context, outside the cap
+    save()
+
+
+def _e2e(pipe, cell: dict, dev, result: dict, save) -> None:
+    """One image (batch) end to end: text encode, all steps, VAE decode to PIL; the final latent kept."""
+    import numpy as np
+    import torch
+
+    result["phase"] = "e2e"
+    save()
+    m = result["metrics"]
+    final = {}
+
+    def keep(_pipe, i, _t, kw):  # per-phase peaks: text encoding + step 1, the other steps, the VAE decode
+        final["latents"] = kw["latents"]
+        if i in (0, cell["e2e_steps"] - 1):
+            _peaks(dev, m, f"e2e_{'encode' if i == 0 else 'denoise'}_")
+            _reset_peaks(dev)
+        return {}
+
+    pipe.set_progress_bar_config(disable=True)
+    _reset_peaks(dev)
+    _sync(dev)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        images = pipe(prompt=cell["prompt"], num_images_per_prompt=cell["batch"],
+                      num_inference_steps=cell["e2e_steps"], guidance_scale=cell["guidance"],
+                      width=cell["width"], height=cell["height"],
+                      generator=torch.Generator().manual_seed(cell["seed"]), output_type="pil",
+                      callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"]).images
+    _sync(dev)
+    m["e2e_s"] = round(time.perf_counter() - t0, 3)
+    _peaks(dev, m, "e2e_decode_")
+    for kind in ("alloc", "reserved"):
+        phases = [m[k] for p in ("encode", "denoise", "decode") if (k := f"e2e_{p}_peak_{kind}_gib") in m]
+        if phases:
+            m[f"e2e_peak_{kind}_gib"] = max(phases)
+    base = Path(cell["scratch"]) / cell["key"]
+    np.save(f"{base}.latent.npy", final["latents"].float().cpu().numpy())
+    m["latent_npy"] = f"{base}.latent.npy"
+    m["images"] = []
+    for i, im in enumerate(images):
+        im.save(f"{base}.e2e{i}.png")
+        m["images"].append(f"{base}.e2e{i}.png")
+    save()
+
+
+def _finish(m: dict) -> None:
+    """Overall peaks (load, steps and e2e) as the headline numbers."""
+    for kind in ("alloc", "reserved"):
+        vals = [m.get(f"{p}peak_{kind}_gib") for p in ("load_", "step_", "e2e_")]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            m[f"peak_{kind}_gib"] = max(vals)
+
+
+def _cap(dev, budget_gib: float | None, m: dict) -> None:
+    """Cap this process's caching allocator at the budget, before anything allocates on the GPU."""
+    import torch
+
+    if budget_gib is None or dev.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(dev).total_memory
+    if budget_gib * GiB > total:
+        raise _Skip(f"budget {budget_gib:g} GiB exceeds the card's {total / GiB:.1f} GiB")
+    # set_per_process_memory_fraction wants an index: torch.device("cuda") has none.
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(budget_gib * GiB / total, index)
+    m["cap_fraction"] = round(budget_gib * GiB / total, 5)
+
+
+def _cell_env(cell: dict, result: dict, save) -> None:
+    """Card, driver, CUDA, and the pinned host->device copy bandwidth (ANCHORS.md's first row)."""
+    import torch
+
+    m = result["metrics"]
+    m.update(torch=torch.__version__, cuda=torch.cuda.is_available(), cuda_version=torch.version.cuda,
+             cpu_count=os.cpu_count())
+    try:
+        import psutil
+
+        m["host_ram_gib"] = round(psutil.virtual_memory().total / GiB, 1)
+    except ImportError:
+        pass
+    if not torch.cuda.is_available():
+        return
+    props = torch.cuda.get_device_properties(0)
+    m.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / GiB, 2),
+             capability=f"{props.major}.{props.minor}")
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20)
+        m["driver"] = q.stdout.strip().splitlines()[0] if q.returncode == 0 and q.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        m["driver"] = None
+    n = 512 << 20  # 512 MiB, five copies after one warm-up
+    src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    m["h2d_gbps"] = round(5 * n / (time.perf_counter() - t0) / 1e9, 2)
+
+
+def _cell_prepare(cell: dict, result: dict, save) -> None:
+    if cell["op"] == "synthetic":
+        from ..synthetic import write_synthetic
+
+        # no BFL single file: the bench reads the diffusers folders, and it would cost 24 GB of disk
+        write_synthetic(Path(cell["out"]), size=cell["size"], seed=0, single_file=False)
+        return
+    from ..errors import KreaLiteError
+    from ..quantize import QuantizeConfig, quantize_pipeline
+
+    try:  # the same scheme for T5 where it has one, else the default
+        config = QuantizeConfig(transformer=cell["scheme"], text_encoder=cell["scheme"])
+    except (KreaLiteError, ValueError):
+        config = QuantizeConfig(transformer=cell["scheme"])
+    quantize_pipeline(cell["source"], Path(cell["out"]), config, progress=False)
+
+
+def _cell_krea(cell: dict, result: dict, save) -> None:
+    """A krea-lite folder through load_pipeline at a budget: load, steps, one image."""
+    import diffusers  # noqa: F401  imported before the clock starts, as in the anchor cells
+    import torch
+
+    from ..pipeline import load_pipeline
+
+    m = result["metrics"]
+    dev = _device(cell)
+    _cap(dev, cell["budget_gib"], m)
+    result["phase"] = "load"
+    save()  # a crash from here on is reported in this phase
+    _reset_peaks(dev)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(cell["model"], device=str(dev), vram_gb=cell["budget_gib"], width=cell["width"],
+                         height=cell["height"], batch=cell["batch"])
+    _sync(dev)
+    m["load_s"] = round(time.perf_counter() - t0, 2)
+    _loaded()
+    _peaks(dev, m, "load_")
+    if dev.type == "cuda":
+        m["loaded_alloc_gib"] = round(torch.cuda.memory_allocated(dev) / GiB, 3)  # weights (+ slots) at rest
+    m["load_seconds"] = pipe.krea_lite.seconds
+    plan = getattr(pipe.krea_lite, "plan", None)
+    m["plan"] = _plan_summary(plan) if plan is not None else None
+    m["streamed_gib"] = (m["plan"] or {}).get("streamed_gib", 0.0)
+    save()
+    _time_steps(pipe.transformer, cell, dev, result, save, getattr(pipe.krea_lite, "placement", None))
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    _e2e(pipe, cell, dev, result, save)
+
+
+def _plan_summary(plan) -> dict:
+    """The plan's scalars, predicted peaks and streamed bytes per step, to set beside the measured ones."""
+    import dataclasses
+
+    raw = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)} if dataclasses.is_dataclass(plan) \
+        else dict(vars(plan))
+    out = {k: v for k, v in raw.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    try:  # plan.Plan: each streamed block is copied once per step
+        sizes = plan.sizes
+        out.update(n_streamed_double=len(plan.streamed_double), n_streamed_single=len(plan.streamed_single),
+                   streamed_gib=round((sum(sizes.transformer_blocks[i] for i in plan.streamed_double)
+                                       + sum(sizes.single_transformer_blocks[i] for i in plan.streamed_single))
+                                      / GiB, 4),
+                   predicted_gib={name: round(n / GiB, 3) for name, n in plan.phase_bytes},
+                   predicted_peak_phase=plan.peak_phase)
+    except (AttributeError, TypeError, IndexError, ValueError):
+        pass
+    return out
+
+
+def _cell_anchor(cell: dict, result: dict, save) -> None:
+    """What diffusers gives today, taken the way ANCHORS.md took it (under the cell's cap, if any)."""
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    m, name = result["metrics"], cell["name"]
+    dev = _device(cell)
+    _cap(dev, cell.get("budget_gib"), m)
+    bf16 = torch.bfloat16
+    result["phase"] = "load"
+    save()  # a crash from here on is reported in this phase
+    _reset_peaks(dev)
+    t0 = time.perf_counter()
+    pipe = None
+    if name.startswith("bf16"):
+        tr = FluxTransformer2DModel.from_pretrained(cell["source"], subfolder="transformer", torch_dtype=bf16)
+    else:  # our bnb folders are in diffusers' format: its BitsAndBytesConfig loads them (onto the GPU)
+        tr = FluxTransformer2DModel.from_pretrained(cell["nf4"], subfolder="transformer", torch_dtype=bf16)
+    if name == "bf16_resident":
+        tr.to(dev)
+    elif name.endswith("group_leaf_stream"):
+        tr.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"), offload_type="leaf_level",
+                                use_stream=True)
+    elif name == "nf4_group_block_stream":
+        tr.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"), offload_type="block_level",
+                                num_blocks_per_group=1, use_stream=True)
+    elif name == "nf4_model_cpu_offload":
+        pipe = FluxPipeline.from_pretrained(cell["nf4"], transformer=tr, torch_dtype=bf16)
+        pipe.enable_model_cpu_offload(device=dev)
+    _sync(dev)
+    m["load_s"] = round(time.perf_counter() - t0, 2)
+    _loaded()
+    _peaks(dev, m, "load_")
+    save()
+    _time_steps(tr, cell, dev, result, save)
+    if pipe is not None:
+        _e2e(pipe, cell, dev, result, save)
+
+
+def _cell_ref(cell: dict, result: dict, save) -> None:
+    """The fidelity reference: the plain diffusers bf16 pipeline of the source, one image."""
+    import torch
+    from diffusers import FluxPipeline
+
+    m = result["metrics"]
+    dev = _device(cell)
+    result["phase"] = "load"
+    save()  # a crash from here on is reported in this phase
+    t0 = time.perf_counter()
+    pipe = FluxPipeline.from_pretrained(cell["source"], torch_dtype=torch.bfloat16)
+    # FLUX bf16 needs ~34 GB of weights: resident where the card has room, else diffusers' model offload.
+    if dev.type == "cuda" and torch.cuda.get_device_properties(dev).total_memory < 48 * GiB:
+        pipe.enable_model_cpu_offload(device=dev)
+        m["offload"] = "model_cpu_offload"
+    else:
+        pipe.to(dev)
+    m["load_s"] = round(time.perf_counter() - t0, 2)
+    _loaded()
+    save()
+    _e2e(pipe, cell, dev, result, save)
+
+
+CELL_KINDS = {"env": _cell_env, "prepare": _cell_prepare, "krea": _cell_krea, "anchor": _cell_anchor,
+              "ref": _cell_ref}
