@@ -173,6 +173,9 @@ def test_bench_tiny_cpu_crash_and_resume(tiny_source, tmp_path, monkeypatch):
     m = ok["metrics"]
     assert m["s_per_step"] > 0 and len(m["step_times_s"]) == 2 and m["e2e_s"] > 0 and m["load_s"] > 0
     assert m["host_rss_peak_gib"] > 0 and doc["models"]["nf4"]["size_gib"] > 0
+    assert m["host_rss_peak_gib"] == max(m["host_rss_load_peak_gib"], m["host_rss_gen_peak_gib"])
+    assert 0 < m["host_rss_anon_gen_peak_gib"] <= m["host_rss_gen_peak_gib"]
+    assert set(m["load_seconds"]) == {"verify", "transformer", "text_encoder_2", "clip_vae_tokenizers"}  # CPU: no place
     assert 0 < ok["fidelity"]["latent_rel_err"] < 2 and 0 < ok["fidelity"]["step_rel_err"] < 1
     assert -1 <= ok["fidelity"]["ssim"] <= 1
     crashed = cells["krea nf4 none 80x48 b1"]
@@ -205,3 +208,38 @@ def test_fidelity_checks_streamed_steps_against_the_resident_cell(tmp_path):
     assert "step_equals_resident" not in doc["cells"][0].get("fidelity", {})  # the resident cell itself
     assert doc["cells"][1]["fidelity"]["step_equals_resident"] is True
     assert doc["cells"][2]["fidelity"]["step_equals_resident"] is False
+
+
+@pytest.mark.parametrize("steps", [1, 2, 28])
+def test_e2e_peaks_split_encode_steps_and_decode(tmp_path, monkeypatch, steps):
+    import torch
+
+    from krea_lite.bench import cells
+
+    log = []
+    monkeypatch.setattr(cells, "_peaks", lambda dev, m, prefix: (log.append(prefix), m.update({
+        f"{prefix}peak_alloc_gib": float(len(log)), f"{prefix}peak_reserved_gib": float(len(log))})))
+
+    class Pipe:  # what _e2e needs of a FluxPipeline: encode, then one transformer call per step, then decode
+        transformer = torch.nn.Linear(2, 2)
+
+        def set_progress_bar_config(self, **_):
+            pass
+
+        def __call__(self, num_inference_steps, callback_on_step_end, **_):
+            log.append("encode")
+            for i in range(num_inference_steps):
+                self.transformer(torch.zeros(1, 2))
+                callback_on_step_end(self, i, 0, {"latents": torch.zeros(1, 2)})
+            log.append("decode")
+            return type("Out", (), {"images": []})()
+
+    cell = {"prompt": "p", "batch": 1, "e2e_steps": steps, "guidance": 4.5, "width": 64, "height": 64, "seed": 0,
+            "scratch": str(tmp_path), "key": "k"}
+    result = {"metrics": {}}
+    cells._e2e(Pipe(), cell, torch.device("cpu"), result, lambda: None)
+    assert log == ["encode", "e2e_encode_", "e2e_denoise_", "decode", "e2e_decode_"]
+    m = result["metrics"]
+    phases = [m[f"e2e_{p}_peak_alloc_gib"] for p in ("encode", "denoise", "decode")]
+    assert m["e2e_peak_alloc_gib"] == max(phases) == 5.0  # the decode's, recorded 5th in the log
+    assert not Pipe.transformer._forward_pre_hooks  # the one-shot hook is gone

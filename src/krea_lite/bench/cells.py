@@ -31,7 +31,7 @@ class _RssPoller:
         import psutil
 
         self.proc, self.peak, self.anon, self.load_peak = psutil.Process(), 0, 0, None
-        self._stop = threading.Event()
+        self._stop, self._lock = threading.Event(), threading.Lock()  # a sample must not straddle mark()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
 
@@ -41,13 +41,15 @@ class _RssPoller:
             self._stop.wait(0.02)
 
     def _sample(self):
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-        if self.load_peak is not None:
-            self.anon = max(self.anon, _rss_anon())
+        with self._lock:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            if self.load_peak is not None:
+                self.anon = max(self.anon, _rss_anon())
 
     def mark(self) -> None:
         self._sample()
-        self.load_peak, self.peak, self.anon = self.peak, 0, 0
+        with self._lock:
+            self.load_peak, self.peak, self.anon = self.peak, 0, 0
 
     def stop(self) -> dict:
         self._stop.set()
@@ -224,14 +226,21 @@ def _e2e(pipe, cell: dict, dev, result: dict, save) -> None:
     m = result["metrics"]
     final = {}
 
-    def keep(_pipe, i, _t, kw):  # per-phase peaks: text encoding + step 1, the other steps, the VAE decode
+    # per-phase peaks: text encoding (until the transformer's first call), the steps, the VAE decode
+    def encoded(_module, _args):
+        _peaks(dev, m, "e2e_encode_")
+        _reset_peaks(dev)
+        first_call.remove()
+
+    def keep(_pipe, i, _t, kw):
         final["latents"] = kw["latents"]
-        if i in (0, cell["e2e_steps"] - 1):
-            _peaks(dev, m, f"e2e_{'encode' if i == 0 else 'denoise'}_")
+        if i == cell["e2e_steps"] - 1:
+            _peaks(dev, m, "e2e_denoise_")
             _reset_peaks(dev)
         return {}
 
     pipe.set_progress_bar_config(disable=True)
+    first_call = pipe.transformer.register_forward_pre_hook(encoded)
     _reset_peaks(dev)
     _sync(dev)
     t0 = time.perf_counter()
@@ -337,8 +346,9 @@ def _cell_prepare(cell: dict, result: dict, save) -> None:
 
 def _cell_krea(cell: dict, result: dict, save) -> None:
     """A krea-lite folder through load_pipeline at a budget: load, steps, one image."""
-    import diffusers  # noqa: F401  imported before the clock starts, as in the anchor cells
     import torch
+    from diffusers import AutoencoderKL, FluxPipeline  # noqa: F401  what load_pipeline imports, imported
+    from transformers import CLIPTextModel, T5TokenizerFast  # noqa: F401  before the clock, as the anchors do
 
     from ..pipeline import load_pipeline
 

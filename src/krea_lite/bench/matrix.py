@@ -54,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("matrix (defaults from --quick or the full preset)")
     m.add_argument("--quick", action="store_true", help="the preset that fits one 10-minute H100 run")
     m.add_argument("--schemes", nargs="+", choices=SCHEMES)
-    m.add_argument("--budgets", nargs="+", type=_budget, metavar="GIB|none")
+    m.add_argument("--budgets", nargs="+", type=_budget, metavar="GIB|none",
+                   help="VRAM caps: each cell's allocator is held to N GiB and krea-lite plans for a card of N GiB "
+                        "(N - 0.85 after the CUDA context); none = uncapped")
     m.add_argument("--resolutions", nargs="+", type=_resolution, metavar="WxH")
     m.add_argument("--batches", nargs="+", type=int)
     m.add_argument("--steps", type=int, help="timed transformer steps per cell (median reported)")

@@ -86,7 +86,7 @@ def add_fidelity(doc: dict) -> None:
                     and st.get("step_npy"):
                 fid["step_rel_err"] = _rel_err(np.load(m["step_npy"]), np.load(st["step_npy"]))
             own = _resident(doc, c)  # streaming must not change the result: same bits as the uncapped cell
-            if own is not None and own is not c and m.get("step_npy") and own["metrics"].get("step_npy"):
+            if own is not None and own is not c and m.get("step_npy") and own.get("metrics", {}).get("step_npy"):
                 fid["step_equals_resident"] = bool(np.array_equal(np.load(m["step_npy"]),
                                                                   np.load(own["metrics"]["step_npy"])))
         except (OSError, ValueError) as e:
@@ -198,7 +198,7 @@ def dominance(doc: dict) -> list[str]:
                     extra = t - max(t0, copy)
                     if extra > 0.15 * t:
                         text += f", and {extra:.3f} s more than either: " + (
-                            "not copy waits, so run-to-run variance of the step itself" if wait is not None
+                            "unexplained (not copy waits)" if wait is not None
                             and wait / 1e3 < 0.25 * extra else "copy and compute overlap poorly")
                 elif gib == 0:
                     text += "; nothing streamed (compute only)"
