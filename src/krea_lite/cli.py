@@ -70,8 +70,8 @@ def cmd_generate(args) -> int:
 
 
 def _cap_cuda_memory(device: str | None, vram_gb: float) -> None:
-    """Hold this process to what an 8 GB card would leave torch (`plan.card_budget`), so that --vram-gb 8 on
-    a larger card behaves like an 8 GB card (and the out-of-memory fallback can act) instead of using more."""
+    """Hold this process to what a card of `vram_gb` GiB would leave torch (`plan.card_budget`), so that
+    --vram-gb 8 on a larger card behaves like an 8 GB card (and the out-of-memory fallback can act)."""
     import torch
 
     from .plan import card_budget
