@@ -124,6 +124,11 @@ def test_reports_label_and_dominance(tmp_path):
     assert all(p.stat().st_size > 0 for p in paths)
 
 
+def test_the_readme_shows_the_newest_committed_benchmark():
+    """README.md's results section is what scripts/render_readme.py makes of the newest committed JSON."""
+    assert _render_readme().main(["--check"]) == 0, "run: python scripts/render_readme.py"
+
+
 def test_render_readme_replaces_only_the_marked_section(tmp_path):
     rr = _render_readme()
     results = tmp_path / "benchmarks" / "results"

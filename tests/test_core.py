@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -113,6 +114,8 @@ def test_single_file_source_gives_the_same_transformer(tiny_source, quantized, t
     a = json.loads((from_folder / MANIFEST).read_text())
     b = json.loads((out / MANIFEST).read_text())
     assert b["source"]["id"].endswith("flux1-krea-dev.safetensors")
+    single = tiny_source / "flux1-krea-dev.safetensors"  # hashed beside the conversion, recorded whole
+    assert b["source"]["transformer_file"]["sha256"] == hashlib.sha256(single.read_bytes()).hexdigest()
     tensors_a = dict(read_tensors(from_folder / "transformer"))
     tensors_b = dict(read_tensors(out / "transformer"))
     assert tensors_a.keys() == tensors_b.keys()

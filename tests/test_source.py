@@ -188,3 +188,16 @@ def test_truncated_shard_fails_when_read(tiny_source, tmp_path):
 
 def test_default_base_is_the_krea_repo():
     assert DEFAULT_REPO == "black-forest-labs/FLUX.1-Krea-dev"
+
+
+def test_the_source_hash_gives_up_when_the_conversion_beside_it_failed(tmp_path):
+    import threading
+
+    from krea_lite.checkpoint import sha256_file
+
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(b"a" * 100)
+    stop = threading.Event()
+    assert sha256_file(f, chunk=10, stop=stop) == hashlib.sha256(b"a" * 100).hexdigest()
+    stop.set()
+    assert sha256_file(f, chunk=10, stop=stop) is None

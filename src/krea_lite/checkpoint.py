@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,11 +43,14 @@ def _kill_point(stage: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 16 << 20, stop: threading.Event | None = None) -> str | None:
+    """The file's sha256 (hex); None if `stop` was set before the end (a hash running beside other work)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
-            h.update(block)
+            if stop is not None and stop.is_set():
+                return None
+            h.update(block)  # releases the GIL: a hashing thread runs beside the conversion
     return h.hexdigest()
 
 

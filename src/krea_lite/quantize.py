@@ -12,6 +12,7 @@ import errno
 import fnmatch
 import json
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +236,18 @@ def quantize_pipeline(source: str | Path, out: str | Path, config: QuantizeConfi
             raise KreaLiteError(f"--keep pattern {unmatched[0]!r} matches no Linear module of the transformer or T5")
 
     started = time.perf_counter()
+    # A single-file source is hashed for the manifest while the conversion runs, not in a second pass
+    # over its 24 GB afterwards; a failed conversion stops the hash.
+    source_info, stop = {}, threading.Event()
+
+    def describe():
+        try:
+            source_info.update(src.describe(stop))
+        except Exception:  # noqa: BLE001  describe() runs again below, in the caller's thread, and raises there
+            pass
+
+    hasher = threading.Thread(target=describe, daemon=True, name="krea-lite-sha256")
+    hasher.start()
     try:
         with atomic_folder(out, force=force, protect=protect) as tmp:
             components = {}
@@ -248,8 +261,11 @@ def quantize_pipeline(source: str | Path, out: str | Path, config: QuantizeConfi
             for component in COPIED:
                 components[component] = _copy_component(src.root / component, tmp / component)
             shutil.copyfile(src.root / "model_index.json", tmp / "model_index.json")
+            hasher.join()
+            if not source_info:  # the hash thread failed (the file vanished or cannot be read)
+                source_info.update(src.describe())  # raises the error here, in the caller's thread
             write_manifest(tmp, {
-                "source": src.describe(),
+                "source": source_info,
                 "components": components,
                 "libraries": library_versions(),
                 "quantize_seconds": round(time.perf_counter() - started, 1),
@@ -258,4 +274,6 @@ def quantize_pipeline(source: str | Path, out: str | Path, config: QuantizeConfi
         if e.errno == errno.ENOSPC:
             raise KreaLiteError(f"disk full while writing {out}: nothing was kept; free space and run again") from e
         raise
+    finally:
+        stop.set()
     return out

@@ -12,9 +12,9 @@ Tensors are read one at a time with `safetensors.safe_open`, so a 24 GB file nev
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -269,28 +269,20 @@ class Source:
         except Exception as e:  # SafetensorError, OSError (file shrank under us), unsupported dtype
             raise KreaLiteError(f"{path}: tensor {key!r} cannot be read ({e}); re-download the file") from None
 
-    def describe(self) -> dict:
-        """What the manifest records: id, revision, and for a single file its name, size and sha256."""
+    def describe(self, stop: threading.Event | None = None) -> dict:
+        """What the manifest records: id, revision, and for a single file its name, size and sha256
+        (`stop`: give up hashing, e.g. because the conversion running beside it failed)."""
+        from .checkpoint import sha256_file
+
         out: dict = {"id": self.id, "revision": self.revision}
         if self.transformer_file:
             path = self.transformer_file
-            out["transformer_file"] = {"name": path.name, "size": path.stat().st_size, "sha256": _sha256(path)}
+            out["transformer_file"] = {"name": path.name, "size": path.stat().st_size,
+                                       "sha256": sha256_file(path, stop=stop)}
         marker = self.root / SYNTHETIC_MARKER
         if marker.is_file():
             out["synthetic"] = _read_json(marker)
         return out
-
-
-def _sha256(path: Path, chunk: int = 16 << 20) -> str:
-    from tqdm.auto import tqdm
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
-                                     desc=f"sha256 {path.name}", disable=None, leave=False) as bar:
-        while block := f.read(chunk):
-            h.update(block)
-            bar.update(len(block))
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------
