@@ -261,6 +261,29 @@ def test_out_exists_needs_force(capsys, untouched, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("what", ["folder", "file"])
+def test_force_replaces_only_krea_lite_folders(capsys, untouched, tmp_path, what):
+    out = tmp_path / "mystuff"
+    if what == "folder":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    else:
+        out.write_text("mine")
+    err = quantize_refused(capsys, untouched, out, "--force")
+    assert str(out) in err and "not a krea-lite folder" in err
+    assert (out / "notes.txt" if what == "folder" else out).read_text() == "mine"
+
+
+def test_force_replaces_an_earlier_output_and_an_empty_folder(untouched, quantized, tmp_path):
+    earlier, empty = tmp_path / "earlier", tmp_path / "empty"
+    shutil.copytree(quantized("nf4"), earlier)  # a krea-lite folder (it has a manifest): ours to replace
+    (earlier / "stray.txt").write_text("gone with the folder")
+    empty.mkdir()
+    for out in (earlier, empty):
+        assert main(["quantize", str(untouched), "--out", str(out), "--device", "cpu", "--quiet", "--force"]) == 0
+        assert main(["verify", str(out)]) == 0 and not (out / "stray.txt").exists()
+
+
 @pytest.mark.parametrize("where", ["same", "parent", "inside"])
 def test_force_never_deletes_the_source(capsys, where, source_copy):
     out = {"same": source_copy, "parent": source_copy.parent, "inside": source_copy / "out"}[where]

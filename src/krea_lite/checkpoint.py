@@ -178,10 +178,27 @@ def _is_leftover(out: Path) -> bool:
     return out.exists() and (out / _PENDING).exists() and not (out / MANIFEST).exists()
 
 
+def refuse_overlap(out: Path, protect: tuple[Path, ...]) -> None:
+    """One line if `out` is, contains or lies inside one of the `protect` paths (the user's source)."""
+    out = out.resolve()
+    for p in protect:
+        p = p.resolve()
+        if out == p or out in p.parents or p in out.parents:
+            raise KreaLiteError(f"--out {out} overlaps the source {p}; choose a folder outside the source")
+
+
 def refuse_existing(out: Path, force: bool) -> None:
-    """One line if `out` exists and may not be replaced (leftovers of a killed run do not count)."""
-    if out.exists() and not force and not _is_leftover(out):
+    """One line if `out` exists and may not be replaced (leftovers of a killed run do not count).
+
+    `force` replaces only what krea-lite wrote (a folder with a manifest) or an empty folder, never
+    other files a mistyped --out points at."""
+    if not out.exists() or _is_leftover(out):
+        return
+    if not force:
         raise KreaLiteError(f"{out.resolve()} already exists; pass --force to replace it or choose another --out")
+    if not out.is_dir() or not ((out / MANIFEST).is_file() or not any(out.iterdir())):
+        raise KreaLiteError(f"{out.resolve()} exists and is not a krea-lite folder (no {MANIFEST}); --force only "
+                            "replaces those: choose another --out or remove it yourself")
 
 
 @contextmanager
@@ -192,10 +209,7 @@ def atomic_folder(out: Path, force: bool, protect: tuple[Path, ...] = ()):
     removed first. `force` replaces an existing `out`, unless it is or contains a `protect` path.
     """
     out = out.resolve()
-    for p in protect:
-        p = p.resolve()
-        if out == p or out in p.parents or p in out.parents:
-            raise KreaLiteError(f"--out {out} overlaps the source {p}; choose a folder outside the source")
+    refuse_overlap(out, protect)
     for stale in out.parent.glob(f".{out.name}{_TMP_TAG}*"):
         shutil.rmtree(stale, ignore_errors=True)
     if _is_leftover(out):

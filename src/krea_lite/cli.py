@@ -65,7 +65,7 @@ def cmd_generate(args) -> int:
     pipe.set_progress_bar_config(disable=args.quiet)
     for g in generate(pipe, prompts, config, args.out):
         vram = f", peak VRAM {g.peak_vram_gib:.2f} GiB" if g.peak_vram_gib is not None else ""
-        print(f"{g.path}  ({g.seconds:.1f} s, {g.seconds_per_step:.3f} s/step{vram})")
+        print(f"{g.path}  ({g.seconds:.1f} s, {g.seconds_per_step:.3f} s/step after the first{vram})")
     return 0
 
 
@@ -110,12 +110,17 @@ def cmd_demo(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    import torch
+
     from .pipeline import load_pipeline
     from .plan import card_budget, measure, plan_for_budget
 
     _no_loading_bars()  # the plan table is the output
     pipe = load_pipeline(args.model, device="cpu", verify="none")
     budget = None if args.vram_gb is None else card_budget(args.vram_gb)
+    if budget is None and not torch.cuda.is_available():
+        print("note: no CUDA GPU here, so this plan has no memory limit; give --vram-gb N to plan for a card "
+              "of N GiB", file=sys.stderr)
     print(plan_for_budget(measure(pipe), budget, width=args.width, height=args.height, batch=args.batch).table())
     return 0
 

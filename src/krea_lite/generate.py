@@ -48,7 +48,7 @@ class Generated:
     prompt: str
     seed: int
     seconds: float
-    seconds_per_step: float
+    seconds_per_step: float  # steady state: the steps after the first (which includes warm-up)
     peak_vram_gib: float | None
 
 

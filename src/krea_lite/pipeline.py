@@ -81,7 +81,7 @@ def _resolve_device(device: str | None) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise KreaLiteError(f"device {device!r} was asked for but torch sees no CUDA GPU; use --device cpu")
     if device != "cpu" and not device.startswith("cuda"):
-        raise KreaLiteError(f"device {device!r} is not 'cpu' or 'cuda'")
+        raise KreaLiteError(f"device {device!r} is not 'cpu' or 'cuda'; use --device cpu, cuda or cuda:N")
     return device
 
 

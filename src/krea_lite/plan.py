@@ -233,7 +233,7 @@ class Plan:
             where = ("gpu" if self.vae_on_gpu else "gpu while decoding") + (", tiled" if self.vae_tiled else "")
             rows.append(("vae", where, s.vae))
         width = max(len(r[0]) for r in rows) + 2
-        wide = max(len(r[1]) for r in rows) + 2
+        wide = max(*(len(r[1]) for r in rows), len("step / decode / encode")) + 2
         budget = "no limit" if self.budget_bytes is None else f"{self.budget_bytes / GiB:.2f} GiB"
         lines = [f"plan for {self.width}x{self.height}, batch {self.batch}, budget {budget}"
                  + (f" (conservative {self.conservative})" if self.conservative else ""),

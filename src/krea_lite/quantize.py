@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import ShardWriter, atomic_folder, library_versions, refuse_existing, write_manifest
+from .checkpoint import (
+    ShardWriter,
+    atomic_folder,
+    library_versions,
+    refuse_existing,
+    refuse_overlap,
+    write_manifest,
+)
 from .errors import KreaLiteError
 from .schemes import get_scheme
 
@@ -70,7 +77,7 @@ class QuantizeConfig:
         get_scheme(self.transformer)
         get_scheme(self.text_encoder)
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise KreaLiteError(f"device {self.device!r} is not 'cpu' or 'cuda'")
+            raise KreaLiteError(f"device {self.device!r} is not 'cpu' or 'cuda'; use --device cpu, cuda or cuda:N")
 
 
 def build_meta(component: str, config: dict) -> nn.Module:
@@ -218,7 +225,9 @@ def quantize_pipeline(source: str | Path, out: str | Path, config: QuantizeConfi
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():  # before any download
         raise KreaLiteError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
-    refuse_existing(out, force)  # before any download
+    local = tuple(Path(p).expanduser() for p in (source, config.base) if p and Path(p).expanduser().exists())
+    refuse_overlap(out, local)  # before any download: a local source (or base) and --out must not overlap
+    refuse_existing(out, force)
     src = resolve_source(str(source), base=config.base, revision=config.revision)
     protect = (src.root,) + ((src.transformer_file,) if src.transformer_file else ())
     needed = _estimate_bytes(src, config)
