@@ -448,6 +448,15 @@ def test_bad_generation_values(capsys, tmp_path, flags, named):
     assert named in err
 
 
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_out_is_a_file(capsys, tmp_path, under):
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / under if under else tmp_path / "notes.txt"
+    err = cli_error(capsys, "generate", "--model", tmp_path / "never-loaded", "--device", "cpu", "a fox",
+                    "--out", out)
+    assert f"{tmp_path / 'notes.txt'} is a file" in err and (tmp_path / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_empty_prompt(capsys, tmp_path, prompt):
     err = cli_error(capsys, "generate", "--model", tmp_path, "--device", "cpu", prompt)

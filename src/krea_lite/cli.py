@@ -42,7 +42,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .generate import GenerateConfig, generate, read_prompts
+    from .generate import GenerateConfig, generate, out_folder, read_prompts
     from .pipeline import load_pipeline
 
     if args.prompt is None and args.prompts is None:
@@ -55,6 +55,7 @@ def cmd_generate(args) -> int:
         raise KreaLiteError("the prompt is empty; give a text prompt such as \"a red fox in snow\"")
     if args.quiet:
         _no_loading_bars()
+    out_folder(args.out)  # before the model loads
     if args.vram_gb is not None and args.vram_gb > 0:
         _cap_cuda_memory(args.device, args.vram_gb)
     pipe = load_pipeline(args.model, device=args.device, vram_gb=args.vram_gb, width=args.width,

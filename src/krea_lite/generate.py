@@ -52,6 +52,15 @@ class Generated:
     peak_vram_gib: float | None
 
 
+def out_folder(path: str | Path) -> Path:
+    """`path` as the folder for the PNGs; one line if something that is not a folder is in the way."""
+    path = Path(path).expanduser()
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise KreaLiteError(f"--out {path}: {p} is a file, not a folder; give a folder for the images")
+    return path
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per non-empty line of a UTF-8 text file."""
     path = Path(path)
@@ -132,7 +141,7 @@ def generate(pipe, prompts: list[str], config: GenerateConfig, out_dir: str | Pa
     for p in prompts:
         if not p or not p.strip():
             raise KreaLiteError("the prompt is empty; give a text prompt such as \"a red fox in snow\"")
-    out_dir = Path(out_dir)
+    out_dir = out_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = getattr(pipe, "krea_lite", None)
     manifest_hash = None
