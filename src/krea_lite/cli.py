@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--base", help="for a single-file source: repo id or folder with the other components")
     q.add_argument("--revision", help="hub revision (branch, tag or commit)")
     q.add_argument("--device", choices=["cpu", "cuda"], help="where to quantize (default: cuda if available)")
-    q.add_argument("--force", action="store_true", help="replace --out if it exists")
+    q.add_argument("--force", action="store_true", help="replace --out if it is an earlier krea-lite folder (or empty)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
 
