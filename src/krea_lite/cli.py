@@ -143,10 +143,12 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     from .generate import GenerateConfig
+    from .plan import CUDA_CONTEXT_BYTES, GiB
     from .quantize import QuantizeConfig
     from .schemes import SCHEMES
 
     gen, qc = GenerateConfig(), QuantizeConfig()
+    context = f"{CUDA_CONTEXT_BYTES / GiB:.2f} GiB of CUDA context"
     p = argparse.ArgumentParser(prog="krea-lite", description="Run FLUX.1 Krea [dev] on 8-16 GB GPUs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -179,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="krea-lite-out", help="output folder for PNGs")
     g.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     g.add_argument("--vram-gb", type=float,
-                   help="the card's memory in GiB: plan for it (less 0.85 GiB of CUDA context) and hold this process "
-                        "to it (default: what the card has free)")
+                   help=f"the card's memory in GiB: plan for it (less {context}) and hold this process to it "
+                        "(default: what the card has free)")
     g.add_argument("--verify", action="store_true", help="check every file's sha256 before loading")
     g.add_argument("--verbose", action="store_true", help="print the placement plan")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -205,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", **fmt, help="show where every weight would live for a VRAM budget")
     pl.add_argument("--model", required=True, help="folder written by `krea-lite quantize`")
-    pl.add_argument("--vram-gb", type=float, help="the card's memory in GiB (less 0.85 GiB of CUDA context; "
+    pl.add_argument("--vram-gb", type=float, help=f"the card's memory in GiB (less {context}; "
                     "default: what the card has free)")
     pl.add_argument("--width", type=int, default=gen.width, help="largest image width")
     pl.add_argument("--height", type=int, default=gen.height, help="largest image height")

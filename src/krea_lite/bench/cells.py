@@ -253,10 +253,7 @@ def _e2e(pipe, cell: dict, dev, result: dict, save) -> None:
     _sync(dev)
     m["e2e_s"] = round(time.perf_counter() - t0, 3)
     _peaks(dev, m, "e2e_decode_")
-    for kind in ("alloc", "reserved"):
-        phases = [m[k] for p in ("encode", "denoise", "decode") if (k := f"e2e_{p}_peak_{kind}_gib") in m]
-        if phases:
-            m[f"e2e_peak_{kind}_gib"] = max(phases)
+    _finish(m, ("e2e_encode_", "e2e_denoise_", "e2e_decode_"), into="e2e_")
     base = Path(cell["scratch"]) / cell["key"]
     np.save(f"{base}.latent.npy", final["latents"].float().cpu().numpy())
     m["latent_npy"] = f"{base}.latent.npy"
@@ -267,13 +264,12 @@ def _e2e(pipe, cell: dict, dev, result: dict, save) -> None:
     save()
 
 
-def _finish(m: dict) -> None:
-    """Overall peaks (load, steps and e2e) as the headline numbers."""
+def _finish(m: dict, phases=("load_", "step_", "e2e_"), into: str = "") -> None:
+    """The peaks of several phases as one: by default load, steps and e2e, the headline numbers."""
     for kind in ("alloc", "reserved"):
-        vals = [m.get(f"{p}peak_{kind}_gib") for p in ("load_", "step_", "e2e_")]
-        vals = [v for v in vals if v is not None]
+        vals = [m[k] for p in phases if (k := f"{p}peak_{kind}_gib") in m]
         if vals:
-            m[f"peak_{kind}_gib"] = max(vals)
+            m[f"{into}peak_{kind}_gib"] = max(vals)
 
 
 def _cap(dev, budget_gib: float | None, m: dict) -> None:

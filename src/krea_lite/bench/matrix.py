@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--schemes", nargs="+", choices=SCHEMES)
     m.add_argument("--budgets", nargs="+", type=_budget, metavar="GIB|none",
                    help="VRAM caps: each cell's allocator is held to N GiB and krea-lite plans for a card of N GiB "
-                        "(N - 0.85 after the CUDA context); none = uncapped")
+                        "(less its CUDA context, see plan.CUDA_CONTEXT_BYTES); none = uncapped")
     m.add_argument("--resolutions", nargs="+", type=_resolution, metavar="WxH")
     m.add_argument("--batches", nargs="+", type=int)
     m.add_argument("--steps", type=int, help="timed transformer steps per cell (median reported)")
