@@ -2,12 +2,17 @@
 # One GPU-machine session: full-size synthetic pipeline -> quantize nf4 + int8 (time, RssAnon) -> GPU tests ->
 # `krea-lite generate --vram-gb 8` -> the benchmark. Run from the repo root on the device machine with .whl
 # carried; a device command may run 10 minutes, so call it again on the same warm machine to go on:
-#   bash scripts/gpu_session.sh [stage...]      stages: synth quantize tests generate bench (default: all)
+#   bash scripts/gpu_session.sh [stage...]
+# stages: synth quantize tests budget generate ratio mutations bench (default: synth quantize tests generate bench)
+#   tests      the GPU tier on tiny models (-m "gpu and not budget")
+#   budget     the full-size budget tests (-m budget, KREA_FULL_DIR = the NF4 folder)
+#   ratio      interleaved streamed/resident ratios: `krea-lite bench --interleave`, NF4 1024², cards 8 6 4
+#   mutations  scripts/mutations.py: each wait/event/sync of the engine removed in turn must fail a GPU test
 # Re-running skips what /tmp/krea already holds; the bench resumes /tmp/krea/bench/bench.json and stops
 # CALL_S seconds after this script started (default 585). Results are copied to $OUT.
 set -uo pipefail
 START=$(date +%s)
-OUT=${OUT:-/tmp/krea-out}; W=/tmp/krea; mkdir -p "$OUT" "$W/bench"
+OUT=${OUT:-/tmp/krea-out}; W=/tmp/krea; mkdir -p "$OUT" "$W/bench" "$W/ratio"
 bash .whl/install.sh || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 stages=${*:-synth quantize tests generate bench}
@@ -22,6 +27,13 @@ for s in $stages; do
              --json "$OUT/quantize-full-$q.json"; done ;;
     tests) KREA_FULL_DIR=$W/q/full-nf4 timeout 240 python3 -m pytest -q -s -p no:cacheprovider -m "${TESTS:-gpu and not budget}" \
              tests > "$OUT/gpu-tests.log" 2>&1; grep -E "passed|failed|FAILED|Error|budget|s/step|\{" "$OUT/gpu-tests.log" | tail -20 ;;
+    budget) KREA_FULL_DIR=$W/q/full-nf4 timeout 400 python3 -m pytest -q -s -p no:cacheprovider -m budget \
+             tests/test_streaming_gpu.py > "$OUT/gpu-budget.log" 2>&1; grep -E "passed|failed|FAILED|Error|\{" "$OUT/gpu-budget.log" | tail -12 ;;
+    ratio) python3 -m krea_lite.bench --workdir $W/qb --models nf4=$W/q/full-nf4 --schemes nf4 \
+             --budgets none 8 6 4 --resolutions 1024x1024 --batches 1 --steps ${RSTEPS:-6} --warmup 1 --e2e-steps 0 \
+             --interleave ${ROUNDS:-3} --anchors --cell-timeout 400 --out $W/ratio/ratio.json ${RATIO_ARGS:-} 2>&1 \
+             | tee "$OUT/ratio.log" | grep -E "ratio|\|" | tail -30; cp $W/ratio/ratio.json "$OUT/" ;;
+    mutations) timeout 420 python3 scripts/mutations.py 2>&1 | tee "$OUT/mutations.log" | tail -10 ;;
     generate) python3 -m krea_lite.cli --debug generate --model $W/q/full-nf4 --vram-gb ${VRAM:-8} --verbose --quiet \
              --steps ${STEPS:-28} --out $W/png "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/generate.log" | tail -30 ;;
     bench) left=$(( ${CALL_S:-585} - ($(date +%s) - START) ))

@@ -248,3 +248,42 @@ def test_e2e_peaks_split_encode_steps_and_decode(tmp_path, monkeypatch, steps):
     phases = [m[f"e2e_{p}_peak_alloc_gib"] for p in ("encode", "denoise", "decode")]
     assert m["e2e_peak_alloc_gib"] == max(phases) == 5.0  # the decode's, recorded 5th in the log
     assert not Pipe.transformer._forward_pre_hooks  # the one-shot hook is gone
+
+
+def test_ratio_summary_flags_spreads_wider_than_the_margin():
+    from krea_lite.bench.cells import ratio_summary
+
+    runs = {"None": [{"round": r, "s_per_step": 1.0} for r in range(3)],
+            "8": [{"round": r, "s_per_step": v} for r, v in enumerate((1.01, 1.02, 1.03))],
+            "4": [{"round": r, "s_per_step": v} for r, v in enumerate((1.0, 1.08, 1.2))]}
+    out = ratio_summary(runs, [8, 4])
+    assert out["8"]["ratio_median"] == 1.02 and out["8"]["met"] and not out["8"]["spread_wider_than_margin"]
+    assert (out["4"]["ratio_min"], out["4"]["ratio_max"]) == (1.0, 1.2)
+    assert out["4"]["met"] and out["4"]["spread_wider_than_margin"]  # 0.2 spread > 0.02 margin
+
+
+def test_ratio_cell_interleaves_placements_in_one_process(quantized, tmp_path):
+    from krea_lite.bench.cells import _cell_ratio
+
+    # bf16: bitsandbytes' CPU NF4 kernels differ bit-wise between its AVX512 and plain paths; the GPU tier checks nf4
+    cell = dict(id="ratio bf16", kind="ratio", name="bf16", model=str(quantized("bf16")), device="cpu", budgets=[8, 4],
+                rounds=3, width=64, height=64, batch=1, steps=2, warmup=1, text_tokens=8, image_tokens=16,
+                scratch=str(tmp_path), key="r")
+    result = {"metrics": {}}
+    _cell_ratio(cell, result, lambda: None)
+    runs = result["metrics"]["runs"]
+    assert [len(runs[k]) for k in ("None", "8", "4")] == [3, 3, 3]
+    assert [r["round"] for r in runs["8"]] == [0, 1, 2]
+    r = result["metrics"]["ratios"]
+    assert r["resident_s_per_step"] > 0 and r["8"]["rounds"] == 3 and r["4"]["target"] == 1.10
+    assert r["8"]["equals_resident"] and r["4"]["equals_resident"]
+
+
+def test_e2e_steps_zero_and_negative(tmp_path):
+    from krea_lite.bench.cells import _e2e
+
+    m = {}
+    _e2e(None, {"e2e_steps": 0}, None, {"metrics": m}, lambda: None)  # returns before touching the pipeline
+    assert m == {}
+    with pytest.raises(bench.KreaLiteError if hasattr(bench, "KreaLiteError") else Exception, match="e2e-steps"):
+        bench.run(_args("--models", f"nf4={tmp_path}", "--e2e-steps", "-1", "--out", str(tmp_path / "x.json")))

@@ -85,7 +85,7 @@ def test_an_eight_gib_card_leaves_the_cuda_context_and_streams_only_a_few_single
     p = plan_for_budget(FULL, card_budget(8))
     assert p.streamed_double == () and 0 < len(p.streamed_single) <= 8
     assert p.peak_bytes + p.margin_bytes <= card_budget(8)
-    with pytest.raises(KreaLiteError, match="--vram-gb 0.5 leaves nothing"):
+    with pytest.raises(KreaLiteError, match="card of 0.5 GiB .* leaves nothing"):
         card_budget(0.5)
 
 
@@ -166,3 +166,18 @@ def test_plan_and_sizes_check_themselves():
         dataclasses.replace(p, prefetch=0)
     with pytest.raises(KreaLiteError, match="transformer_blocks"):
         dataclasses.replace(FULL, transformer_blocks=[1, 2])
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1e9, "8", True])
+def test_a_budget_that_is_not_a_card_is_refused(bad):
+    from krea_lite.plan import Budget
+
+    with pytest.raises(KreaLiteError, match="not a card size"):
+        Budget(bad)
+
+
+def test_one_budget_for_cli_python_and_bench():
+    from krea_lite.plan import Budget
+
+    b = Budget(8)
+    assert b.allocator_bytes == card_budget(8) == 8 * GiB - CUDA_CONTEXT_BYTES

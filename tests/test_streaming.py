@@ -1,6 +1,6 @@
 """CPU tests of the streaming engine: leaf tensors, packing, and streamed == resident, bit for bit.
 
-On a CPU device the engine runs its bookkeeping synchronously (same slots, twins, prefetch order as
+On a CPU device the engine runs its bookkeeping synchronously (same slots, hooks, prefetch order as
 on CUDA, without streams and pinning). The helpers here are reused by test_streaming_gpu.py.
 """
 
@@ -15,9 +15,17 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from krea_lite import compat
 from krea_lite.errors import KreaLiteError
+from krea_lite.packing import leaf_tensors, nbytes
+from krea_lite.packing import pack as _pack
+from krea_lite.placement import apply_plan
 from krea_lite.plan import Sizes, measure, plan_for_budget
-from krea_lite.streaming import StreamedBlock, _pack, apply_plan, leaf_tensors, nbytes
+from krea_lite.streaming import HOOK_NAME
+
+
+def is_streamed(block) -> bool:
+    return compat.get_model_hook(block, HOOK_NAME) is not None
 
 SCHEMES = ("nf4", "int8", "qint8", "qint4", "bf16")
 
@@ -179,6 +187,14 @@ def flux():
     return model, ref
 
 
+def _expected_copies(n: int, p: int, steps: int) -> int:
+    """Slot fills at placement, then one copy per block per step, except for blocks that are the only
+    user of their slot (they stay there across steps)."""
+    p = min(p, n)
+    alone = sum(1 for pos in range(p) if pos + p >= n)
+    return p + steps * (n - alone)
+
+
 @pytest.mark.parametrize("double, single, prefetch", [
     ((1, 2, 3), (0, 1, 2, 3, 4), 2),  # nearly everything streamed, double buffering
     ((), (2, 3, 4), 1),  # one slot: no overlap, still exact
@@ -192,41 +208,120 @@ def test_streamed_forward_equals_resident_bit_for_bit(flux, double, single, pref
     placement = apply_plan(pipe, streamed_plan(pipe, double, single, prefetch), "cpu")
     try:
         streamers = placement.streamers
-        assert all(isinstance(model.transformer_blocks[i], StreamedBlock) for i in double)
-        assert all(isinstance(model.single_transformer_blocks[i], StreamedBlock) for i in single)
+        assert list(model.transformer_blocks) + list(model.single_transformer_blocks) == originals  # in place
+        assert all(is_streamed(model.transformer_blocks[i]) for i in double)
+        assert all(is_streamed(model.single_transformer_blocks[i]) for i in single)
+        assert sum(map(is_streamed, originals)) == len(double) + len(single)
         slot_ptrs = {k: [s.data_ptr() for s in v.slots] for k, v in streamers.items()}
         with torch.no_grad():
             for step in range(3):
                 assert same_bits(model(**flux_inputs())[0], ref), f"step {step}"
                 for name, s in streamers.items():
                     assert [x.data_ptr() for x in s.slots] == slot_ptrs[name]  # slots allocated once
-                    assert len(s.where) <= s.p and not s._waits  # no growth
+                    assert not s._waits  # no growth
                     st = s.stats()
-                    n = len(double if name == "transformer_blocks" else single)
+                    n = len(double if name.endswith(".transformer_blocks") else single)
                     assert st["misses"] == 0
-                    assert st["copies"] == (step + 1) * n if n > s.p else st["copies"] == 0
+                    assert st["copies"] == _expected_copies(n, prefetch, step + 1)
                     assert st["bytes_copied"] == st["copies"] * st["slot_bytes"]
     finally:
-        placement.remove()
+        placement.close()
     assert list(model.transformer_blocks) + list(model.single_transformer_blocks) == originals
+    assert not any(map(is_streamed, originals))
     with torch.no_grad():
         assert same_bits(model(**flux_inputs())[0], ref)
 
 
-def test_parked_blocks_hold_no_memory_and_host_copy_is_one_buffer(flux):
+def test_placed_model_keeps_its_module_tree_and_state_dict(flux):
+    """Streamed blocks stay in the tree; between calls their tensors are at home in the one host buffer,
+    so state_dict() has the same keys and the same bytes as before placement."""
     model, _ = flux
     pipe = types.SimpleNamespace(transformer=model)
-    placement = apply_plan(pipe, streamed_plan(pipe, single=(0, 1, 2, 3, 4)), "cpu")
+    names = [n for n, _ in model.named_modules()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    placement = apply_plan(pipe, streamed_plan(pipe, double=(2, 3), single=(0, 1, 2, 3, 4)), "cpu")
     try:
-        s = placement.streamers["single_transformer_blocks"]
+        with torch.no_grad():
+            model(**flux_inputs())
+        assert [n for n, _ in model.named_modules()] == names
+        after = model.state_dict()
+        assert list(after) == list(before)
+        assert all(torch.equal(after[k], v) for k, v in before.items() if not hasattr(type(v), "__tensor_flatten__"))
+        s = placement.streamers["transformer.single_transformer_blocks"]
         assert s.host.numel() == s.n * s.stride  # one buffer, 1x the packed bytes (+ alignment)
-        for block in s.parked.values():
-            assert all(t.numel() == 0 or t.data_ptr() == s._park.data_ptr() for t in leaf_tensors(block))
-        for twin, slot in zip(s.twins, s.slots, strict=True):
-            lo, hi = slot.data_ptr(), slot.data_ptr() + slot.numel()
-            assert all(lo <= t.data_ptr() < hi for t in leaf_tensors(twin))
+        lo, hi = s.host.data_ptr(), s.host.data_ptr() + s.host.numel()
+        for i in s.indices:
+            assert all(t.numel() == 0 or lo <= t.data_ptr() < hi for t in leaf_tensors(model.single_transformer_blocks[i]))
     finally:
-        placement.remove()
+        placement.close()
+    placement.close()  # twice is fine
+
+
+def test_weights_replaced_after_placement_are_taken_into_the_stream():
+    """What fuse_lora does to a bf16 base: new bytes for a streamed weight (same shape) reach the GPU."""
+    model = tiny_flux(schemes=("bf16",))
+    twin = tiny_flux(schemes=("bf16",))
+    pipe = types.SimpleNamespace(transformer=model)
+    placement = apply_plan(pipe, streamed_plan(pipe, single=(1, 2, 3, 4)), "cpu")
+    try:
+        with torch.no_grad():
+            model(**flux_inputs())
+            for m in (model, twin):
+                w = m.single_transformer_blocks[3].proj_out.weight
+                w.data = w.data * 2  # a new tensor, as peft's merge assigns
+            assert same_bits(model(**flux_inputs())[0], twin(**flux_inputs())[0])
+            assert same_bits(model(**flux_inputs())[0], twin(**flux_inputs())[0])  # and it stays
+        assert placement.streamers["transformer.single_transformer_blocks"].stats()["refreshed"] == 1
+        bad = model.single_transformer_blocks[2].proj_out.weight
+        bad.data = bad.data[:, :8].clone()
+        with pytest.raises(KreaLiteError, match="another dtype or shape"), torch.no_grad():
+            model(**flux_inputs())
+    finally:
+        placement.close()
+
+
+def _lora_state_dict(model, rank=4, seed=3) -> dict:
+    """A diffusers-format LoRA on every attention and MLP linear of every block."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, m in model.named_modules():
+        if ("transformer_blocks" in name) and type(m).__name__ in ("Linear", "Linear4bit") and (
+                ".attn." in name or ".ff" in name or "proj_mlp" in name or "proj_out" in name):
+            sd[f"{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g).to(torch.bfloat16) * 0.1
+            sd[f"{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g).to(torch.bfloat16) * 0.1
+    return sd
+
+
+@pytest.mark.parametrize("schemes", [("bf16",), ("nf4", "bf16")])
+def test_lora_on_a_placed_model_equals_lora_on_the_unplaced_one(schemes):
+    placed, plain = tiny_flux(schemes=schemes), tiny_flux(schemes=schemes)
+    sd = _lora_state_dict(plain)
+    pipe = types.SimpleNamespace(transformer=placed)
+    placement = apply_plan(pipe, streamed_plan(pipe, double=(1, 2, 3), single=(0, 1, 2, 3, 4)), "cpu")
+    try:
+        with torch.no_grad():
+            base = placed(**flux_inputs())[0]
+        for m in (placed, plain):
+            m.load_lora_adapter(dict(sd), adapter_name="a", prefix=None)
+        changed = sum(1 for n, _ in placed.named_modules() if n.endswith("lora_A.a"))
+        assert changed == len(sd) // 2  # every block got its adapter, streamed or not
+        with torch.no_grad():
+            want = plain(**flux_inputs())[0]
+            got = placed(**flux_inputs())[0]
+            assert not same_bits(got, base)
+            assert same_bits(got, want)
+            for m in (placed, plain):
+                m.set_adapters(["a"], weights=[0.5])
+            assert same_bits(placed(**flux_inputs())[0], plain(**flux_inputs())[0])
+            for m in (placed, plain):
+                m.disable_lora()
+            assert same_bits(placed(**flux_inputs())[0], base)
+            for m in (placed, plain):
+                m.enable_lora()
+                m.delete_adapters("a")
+            assert same_bits(placed(**flux_inputs())[0], base)
+    finally:
+        placement.close()
 
 
 def test_out_of_order_call_reloads_and_stays_exact(flux):
@@ -234,7 +329,7 @@ def test_out_of_order_call_reloads_and_stays_exact(flux):
     pipe = types.SimpleNamespace(transformer=model)
     placement = apply_plan(pipe, streamed_plan(pipe, single=(1, 2, 3, 4)), "cpu")
     try:
-        s = placement.streamers["single_transformer_blocks"]
+        s = placement.streamers["transformer.single_transformer_blocks"]
         x = torch.randn(1, 24, 64, dtype=torch.bfloat16)
         temb = torch.randn(1, 64, dtype=torch.bfloat16)
         with torch.no_grad():
@@ -242,7 +337,7 @@ def test_out_of_order_call_reloads_and_stays_exact(flux):
             assert s.stats()["misses"] == 1
             assert same_bits(model(**flux_inputs())[0], ref)
     finally:
-        placement.remove()
+        placement.close()
 
 
 def test_shared_global_code_map_is_not_moved(flux):
@@ -253,7 +348,7 @@ def test_shared_global_code_map_is_not_moved(flux):
     ptr, values = dynamic.data_ptr(), dynamic.clone()
     pipe = types.SimpleNamespace(transformer=model)
     placement = apply_plan(pipe, streamed_plan(pipe, double=(1, 2, 3)), "cpu")
-    placement.remove()
+    placement.close()
     assert dynamic.data_ptr() == ptr and torch.equal(dynamic, values)
 
 
@@ -266,7 +361,7 @@ def test_block_with_different_layout_is_refused_and_nothing_changes():
     originals = list(blocks)
     with pytest.raises(KreaLiteError, match="laid out differently"):
         apply_plan(pipe, streamed_plan(pipe, single=(0, 1, 2)), "cpu")
-    assert list(blocks) == originals
+    assert list(blocks) == originals and not any(map(is_streamed, blocks))
 
 
 def test_measure_counts_blocks_and_rest(flux):
@@ -295,7 +390,7 @@ def test_streamed_t5_equals_resident_across_releases():
     placement = apply_plan(pipe, streamed_plan(pipe, t5=True), "cpu")
     try:
         s = placement.streamers["text_encoder_2"]
-        assert not isinstance(t5.encoder.block[0], StreamedBlock)  # block 0 stays with the embedding
+        assert not is_streamed(t5.encoder.block[0]) and all(map(is_streamed, t5.encoder.block[1:]))
         assert not s.slots  # slots exist only while T5 runs
         with torch.no_grad():
             for _ in range(2):
@@ -303,9 +398,9 @@ def test_streamed_t5_equals_resident_across_releases():
                 assert placement.on_demand.loaded == "text_encoder_2"
                 placement.on_demand.use("transformer")  # what the transformer's pre-hook does
                 assert not s.slots and placement.on_demand.loaded is None
-        assert s.stats()["misses"] == 2  # each run starts by filling the freshly allocated slots
+        assert s.stats()["misses"] == 0  # each run fills the freshly allocated slots before block 1 needs them
     finally:
-        placement.remove()
+        placement.close()
     with torch.no_grad():
         assert same_bits(t5(ids).last_hidden_state, ref)
 
@@ -341,7 +436,7 @@ def test_on_demand_components_take_turns():
         assert od.moves == 6 and vae.use_tiling
         assert placement.stats()["on_demand"]["moves"] == 6
     finally:
-        placement.remove()
+        placement.close()
     assert not vae.use_tiling and not placement._hooks
 
 
@@ -349,7 +444,7 @@ def test_tiling_engages_at_1024_for_the_flux_vae():
     """FLUX's VAE config has sample_size 1024, so diffusers' default tile never splits a 1024^2 image."""
     from diffusers import AutoencoderKL
 
-    from krea_lite.streaming import _enable_tiling
+    from krea_lite.placement import _enable_tiling
 
     with torch.device("meta"):
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=16, sample_size=1024,
@@ -392,8 +487,31 @@ def test_flux_pipeline_call_is_unchanged_by_the_placement(quantized):
     try:
         assert (image() == ref).all()
         stats = placement.stats()
-        assert stats["transformer_blocks"]["copies"] == 2 * 2  # 2 steps x 2 blocks through 1 slot
+        assert stats["transformer.transformer_blocks"]["copies"] == _expected_copies(2, 1, 2)  # 1 slot
         assert stats["on_demand"]["moves"] == 3 and stats["on_demand"]["on_gpu"] == "vae"
     finally:
-        placement.remove()
+        placement.close()
     assert (image() == ref).all()
+
+
+def test_a_placed_pipeline_says_what_it_is(quantized):
+    """diffusers sees a quantized, device-mapped pipeline: dtype casts, pipe.to() and the other offloading
+    entry points are refused by diffusers itself; close() gives back an ordinary pipeline."""
+    from krea_lite.pipeline import load_pipeline
+
+    pipe = load_pipeline(quantized("nf4"), device="cpu", verify="none")
+    assert pipe.transformer.is_quantized and pipe.text_encoder_2.is_loaded_in_4bit
+    with pytest.raises(ValueError, match="dtype"):
+        pipe.transformer.to(torch.float16)
+    with pytest.raises(ValueError, match="dtype"):
+        pipe.text_encoder_2.to(torch.float16)
+    keys = list(pipe.transformer.state_dict())
+    placement = apply_plan(pipe, streamed_plan(pipe, double=(0, 1), single=(0, 1), t5=True), "cpu")
+    with placement:
+        assert list(pipe.transformer.state_dict()) == keys
+        assert set(pipe.hf_device_map) == {"transformer", "text_encoder_2", "text_encoder", "vae"}
+        for call in (lambda: pipe.to("cpu"), pipe.enable_model_cpu_offload, pipe.enable_sequential_cpu_offload):
+            with pytest.raises(ValueError, match="device mapping"):
+                call()
+    assert placement.closed and pipe.hf_device_map is None and not any(
+        map(is_streamed, [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]))

@@ -6,9 +6,15 @@
 The budget test builds a full-size FluxTransformer2DModel (guidance_embeds=True) with random weights,
 its block linears in bitsandbytes NF4, one block at a time on the GPU (or loads the transformer of a
 `krea-lite quantize` folder given as KREA_FULL_DIR), then, for budgets of 8, 6 and 4 GiB, caps the
-process with set_per_process_memory_fraction, applies the plan for 1024x1024 and checks that a
-transformer forward stays under the cap and equals the resident output bit for bit. It prints one
-JSON line per budget (s/step, peaks, bytes copied, GPU time spent waiting on copies).
+process to that card (`plan.Budget.enforce`: the card less its CUDA context), applies the plan for
+1024x1024 and checks that a transformer forward stays under the cap and equals the resident output bit
+for bit. It prints one JSON line per budget (s/step, peaks, bytes copied, GPU time spent waiting on
+copies). With KREA_FULL_DIR, a second budget test runs `load_pipeline(vram_gb=8)` -> `generate` end to end.
+
+The delay tests put `torch.cuda._sleep` on the side stream (copies late) and on the compute stream
+(compute late) in turn: an engine missing any of its waits or events then computes with stale or
+half-copied bytes, and the output is no longer bit-identical. `scripts/mutations.py` removes each
+wait, event and sync in turn and checks that these tests fail.
 """
 
 from __future__ import annotations
@@ -22,9 +28,20 @@ import pytest
 import torch
 from torch import nn
 
-from krea_lite.plan import GiB, measure, plan_for_budget
-from krea_lite.streaming import apply_plan
-from tests.test_streaming import flux_inputs, quantize_linear, same_bits, streamed_plan, tiny_flux, tiny_t5
+from krea_lite.packing import leaf_tensors
+from krea_lite.placement import apply_plan
+from krea_lite.plan import Budget, GiB, measure, plan_for_budget
+from krea_lite.streaming import BlockStreamer
+from tests.test_streaming import (
+    _expected_copies,
+    _lora_state_dict,
+    flux_inputs,
+    quantize_linear,
+    same_bits,
+    streamed_plan,
+    tiny_flux,
+    tiny_t5,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -38,7 +55,7 @@ def _resident_output(model, inputs):
     placement = apply_plan(pipe, streamed_plan(pipe), "cuda")
     with torch.no_grad():
         out = model(**inputs)[0]
-    placement.remove()
+    placement.close()
     return out
 
 
@@ -62,11 +79,12 @@ def test_streamed_equals_resident_and_allocates_nothing_per_step():
         assert allocated[0] == allocated[1] == allocated[2], allocated
         assert {k: [s.data_ptr() for s in v.slots] for k, v in placement.streamers.items()} == slots
         stats = placement.stats()
-        assert stats["transformer_blocks"]["copies"] == 3 * 3 and stats["single_transformer_blocks"]["copies"] == 3 * 5
+        assert stats["transformer.transformer_blocks"]["copies"] == _expected_copies(3, 2, 3)
+        assert stats["transformer.single_transformer_blocks"]["copies"] == _expected_copies(5, 2, 3)
         assert all(stats[k]["misses"] == 0 and stats[k]["waited_calls"] > 0 for k in placement.streamers)
         print(json.dumps(stats))
     finally:
-        placement.remove()
+        placement.close()
     assert all(t.device.type == "cpu" for t in model.parameters())
 
 
@@ -75,11 +93,15 @@ def test_host_copy_is_pinned_at_its_exact_size():
     pipe = types.SimpleNamespace(transformer=model)
     placement = apply_plan(pipe, streamed_plan(pipe, single=(1, 2, 3, 4)), "cuda")
     try:
-        s = placement.streamers["single_transformer_blocks"]
+        s = placement.streamers["transformer.single_transformer_blocks"]
         assert s.host.is_pinned() and s.host.numel() == s.n * s.stride
         assert all(p.device.type == "cuda" for p in model.single_transformer_blocks[0].parameters())
+        lo, hi = s.host.data_ptr(), s.host.data_ptr() + s.host.numel()  # between calls: home, in the pinned buffer
+        assert all(t.device.type == "cpu" and lo <= t.data_ptr() < hi for t in leaf_tensors(model.single_transformer_blocks[1]))
+        host = s.host
     finally:
-        placement.remove()
+        placement.close()
+    assert not host.is_pinned()  # unpinned by close(), not by the garbage collector
 
 
 def test_t5_runs_on_the_gpu_only_while_encoding():
@@ -89,7 +111,7 @@ def test_t5_runs_on_the_gpu_only_while_encoding():
     placement = apply_plan(pipe, streamed_plan(pipe), "cuda")
     with torch.no_grad():
         ref = ref_t5(ids).last_hidden_state
-    placement.remove()
+    placement.close()
 
     t5, model = tiny_t5(), _tiny()
     pipe = types.SimpleNamespace(text_encoder_2=t5, transformer=model)
@@ -103,9 +125,102 @@ def test_t5_runs_on_the_gpu_only_while_encoding():
             model(**flux_inputs("cuda"))  # its pre-hook moves T5 off and frees T5's slots
         assert torch.cuda.memory_allocated() < during
         assert not placement.streamers["text_encoder_2"].slots
-        assert all(p.device.type == "cpu" for p in t5.parameters())
+        assert [t.shape for t in leaf_tensors(t5) if t.device.type != "cpu"] == []
     finally:
-        placement.remove()
+        placement.close()
+
+
+CYCLES = 20_000_000  # torch.cuda._sleep: ~10 ms at ~2 GHz, far longer than a tiny block's copy or compute
+
+
+def _delayed(monkeypatch, where: str) -> None:
+    if where == "copies":
+        load = BlockStreamer._load
+
+        def slow_load(self, k, pos):
+            with torch.cuda.stream(self.stream):
+                torch.cuda._sleep(CYCLES)
+            load(self, k, pos)
+
+        monkeypatch.setattr(BlockStreamer, "_load", slow_load)
+    else:
+        enter = BlockStreamer.enter
+
+        def slow_enter(self, pos):
+            enter(self, pos)
+            torch.cuda._sleep(CYCLES)  # the block's kernels start late; the next copy into its slot must wait
+
+        monkeypatch.setattr(BlockStreamer, "enter", slow_enter)
+
+
+@pytest.mark.parametrize("where", ["copies", "compute"])
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_streamed_stays_exact_when_a_stream_is_delayed(monkeypatch, where, prefetch):
+    inputs = flux_inputs("cuda")
+    ref = _resident_output(_tiny(), inputs)
+    model = _tiny()
+    pipe = types.SimpleNamespace(transformer=model)
+    _delayed(monkeypatch, where)
+    placement = apply_plan(pipe, streamed_plan(pipe, double=(0, 1, 2, 3), single=(0, 1, 2, 3, 4), prefetch=prefetch),
+                           "cuda")
+    try:
+        with torch.no_grad():
+            for step in range(3):
+                assert same_bits(model(**inputs)[0], ref), f"step {step}, {where} delayed"
+    finally:
+        placement.close()
+
+
+@pytest.mark.parametrize("where", ["copies", "compute"])
+def test_streamed_t5_stays_exact_when_a_stream_is_delayed(monkeypatch, where):
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0)).cuda()
+    t5 = tiny_t5()
+    pipe = types.SimpleNamespace(text_encoder_2=t5)
+    placement = apply_plan(pipe, streamed_plan(pipe), "cuda")
+    with torch.no_grad():
+        ref = t5(ids).last_hidden_state
+    placement.close()
+    _delayed(monkeypatch, where)
+    placement = apply_plan(pipe, streamed_plan(pipe, t5=True), "cuda")
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                assert same_bits(t5(ids).last_hidden_state, ref)
+                placement.on_demand.use("transformer")  # frees T5's slots; the next run allocates them again
+    finally:
+        placement.close()
+
+
+def test_lora_on_a_streamed_model_on_the_gpu():
+    inputs = flux_inputs("cuda")
+    plain, placed = (tiny_flux(schemes=("nf4", "int8", "bf16"), head_dim=64, heads=4) for _ in range(2))
+    sd = _lora_state_dict(plain)
+    ref_pipe = types.SimpleNamespace(transformer=plain)
+    resident = apply_plan(ref_pipe, streamed_plan(ref_pipe), "cuda")
+    pipe = types.SimpleNamespace(transformer=placed)
+    placement = apply_plan(pipe, streamed_plan(pipe, double=(1, 2, 3), single=(0, 1, 2, 3, 4)), "cuda")
+    try:
+        for m in (plain, placed):
+            m.load_lora_adapter(dict(sd), adapter_name="a", prefix=None)
+        with torch.no_grad():
+            assert same_bits(placed(**inputs)[0], plain(**inputs)[0])
+    finally:
+        placement.close()
+        resident.close()
+
+
+def test_moving_a_placed_model_is_refused_in_one_line():
+    from krea_lite.errors import KreaLiteError
+
+    model = _tiny()
+    pipe = types.SimpleNamespace(transformer=model)
+    placement = apply_plan(pipe, streamed_plan(pipe, single=(2, 3, 4)), "cuda")
+    try:
+        torch.nn.Module.to(model.x_embedder, "cpu")  # what reset_device_map / another offloader does
+        with pytest.raises(KreaLiteError, match="pipe.krea_lite.close"), torch.no_grad():
+            model(**flux_inputs("cuda"))
+    finally:
+        placement.close()
 
 
 # --- full size -------------------------------------------------------------------------------------
@@ -158,15 +273,15 @@ def test_full_size_transformer_stays_under_the_budget():
     pipe = types.SimpleNamespace(transformer=model)
     sizes = measure(pipe)
     inputs = _full_inputs()
-    total = torch.cuda.get_device_properties(0).total_memory
     ref = None
     try:
         for gib in (8, 6, 4):
-            budget = gib * GiB
+            card = Budget(gib)
+            budget = card.allocator_bytes
             plan = plan_for_budget(sizes, budget, width=1024, height=1024)
             print(plan.table())
             torch.cuda.empty_cache()
-            torch.cuda.set_per_process_memory_fraction(budget / total)
+            card.enforce("cuda")
             torch.cuda.reset_peak_memory_stats()
             placement = apply_plan(pipe, plan, "cuda", profile=True)
             apply_reserved = torch.cuda.max_memory_reserved()
@@ -185,7 +300,7 @@ def test_full_size_transformer_stays_under_the_budget():
                 reserved, allocated = torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()
                 lists = [v for k, v in placement.stats().items() if k != "on_demand"]
             finally:
-                placement.remove()
+                placement.close()
                 torch.cuda.set_per_process_memory_fraction(1.0)
             print(json.dumps({
                 "budget_gib": gib, "card": torch.cuda.get_device_name(0), "s_per_step": sorted(times)[1],
@@ -203,5 +318,28 @@ def test_full_size_transformer_stays_under_the_budget():
                 ref = out
             else:
                 assert same_bits(out, ref), f"{gib} GiB: streamed output differs from the first budget's"
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+@pytest.mark.budget
+@pytest.mark.skipif(not os.environ.get("KREA_FULL_DIR"), reason="needs KREA_FULL_DIR (a full-size krea-lite folder)")
+def test_full_size_load_and_generate_stay_under_the_card(tmp_path):
+    """What a user runs: load_pipeline(vram_gb=8) then generate one 1024^2 image, under the 8 GiB card."""
+    from krea_lite.generate import GenerateConfig, generate
+    from krea_lite.pipeline import load_pipeline
+
+    card = Budget(8)
+    try:
+        pipe = load_pipeline(os.environ["KREA_FULL_DIR"], device="cuda", vram_gb=8)
+        pipe.set_progress_bar_config(disable=True)
+        torch.cuda.reset_peak_memory_stats()
+        (g,) = generate(pipe, ["a lighthouse at dawn"], GenerateConfig(steps=4), tmp_path)
+        reserved = torch.cuda.max_memory_reserved()
+        print(json.dumps({"card_gib": 8, "allocator_gib": round(card.allocator_bytes / GiB, 3),
+                          "peak_reserved_gib": round(reserved / GiB, 3), "s_per_step": round(g.seconds_per_step, 4),
+                          "seconds": round(g.seconds, 2), "gpu": torch.cuda.get_device_name(0)}))
+        assert g.path.exists() and reserved <= card.allocator_bytes
+        pipe.krea_lite.close()
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)

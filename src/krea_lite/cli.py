@@ -56,8 +56,6 @@ def cmd_generate(args) -> int:
     if args.quiet:
         _no_loading_bars()
     out_folder(args.out)  # before the model loads
-    if args.vram_gb is not None and args.vram_gb > 0:
-        _cap_cuda_memory(args.device, args.vram_gb)
     pipe = load_pipeline(args.model, device=args.device, vram_gb=args.vram_gb, width=args.width,
                          height=args.height, verify="full" if args.verify else "quick")
     plan = pipe.krea_lite.plan
@@ -68,21 +66,6 @@ def cmd_generate(args) -> int:
         vram = f", peak VRAM {g.peak_vram_gib:.2f} GiB" if g.peak_vram_gib is not None else ""
         print(f"{g.path}  ({g.seconds:.1f} s, {g.seconds_per_step:.3f} s/step after the first{vram})")
     return 0
-
-
-def _cap_cuda_memory(device: str | None, vram_gb: float) -> None:
-    """Hold this process to what a card of `vram_gb` GiB would leave torch (`plan.card_budget`), so that
-    --vram-gb 8 on a larger card behaves like an 8 GB card (and the out-of-memory fallback can act)."""
-    import torch
-
-    from .plan import card_budget
-
-    if not torch.cuda.is_available() or (device or "cuda") == "cpu":
-        return  # load_pipeline reports --vram-gb without CUDA
-    dev = torch.device(device or "cuda")
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, card_budget(vram_gb) / total), index)
 
 
 def cmd_verify(args) -> int:

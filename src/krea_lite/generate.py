@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import KreaLiteError
+from .pipeline import with_oom_fallback
 
 
 @dataclass(frozen=True)
@@ -102,23 +103,6 @@ def _one_image(pipe, prompt: str, seed: int, config: GenerateConfig, embeds, dev
     return image, per_step, embeds
 
 
-def _fall_back(pipe) -> None:
-    """After a CUDA out-of-memory error: re-place the pipeline with a more conservative plan, once."""
-    from .pipeline import place
-
-    plan = pipe.krea_lite.plan
-    if plan.conservative:
-        raise KreaLiteError("out of GPU memory even with the conservative plan; pass a smaller --vram-gb "
-                            "or generate smaller images")
-    torch.cuda.empty_cache()
-    smaller = plan.shrink()
-    print(f"krea-lite: out of GPU memory; retrying once with a more conservative plan "
-          f"(predicted peak {smaller.peak_bytes / 2**30:.2f} GiB instead of {plan.peak_bytes / 2**30:.2f})",
-          flush=True)
-    place(pipe, smaller)
-    torch.cuda.empty_cache()
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "image"
 
@@ -159,17 +143,8 @@ def generate(pipe, prompts: list[str], config: GenerateConfig, out_dir: str | Pa
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
-            try:
-                image, per_step, embeds = _one_image(pipe, prompt, seed, config, embeds, device)
-            except torch.OutOfMemoryError:
-                if info is None or info.plan is None:
-                    raise
-                retry = True  # outside the except block, so the failed pass's tensors can be freed
-            else:
-                retry = False
-            if retry:
-                _fall_back(pipe)
-                image, per_step, embeds = _one_image(pipe, prompt, seed, config, None, device)
+            image, per_step, embeds = with_oom_fallback(
+                pipe, lambda p=prompt, s=seed, e=embeds: _one_image(pipe, p, s, config, e, device))
             seconds = time.perf_counter() - start
             meta = PngInfo()
             settings = {"prompt": prompt, "seed": seed, **{k2: v for k2, v in asdict(config).items()

@@ -30,8 +30,14 @@ class LoadInfo:
     manifest: dict
     device: str
     plan: object | None = None  # plan.Plan (None on the CPU)
-    placement: object | None = None  # streaming.Placement: stats() of the streaming engine, remove()
+    placement: object | None = None  # placement.Placement: stats() of the streaming engine, close()
     seconds: dict | None = None  # where loading spent its time: verify, each component, place
+    budget: object | None = None  # plan.Budget the process is held to (None: what the card has free)
+
+    def close(self) -> None:
+        """Undo the placement now: every component back on the CPU, pinned host memory unpinned."""
+        if self.placement is not None:
+            self.placement.close()
 
 
 def load_component(folder: Path, component: str, info: dict) -> nn.Module:
@@ -63,6 +69,9 @@ def load_component(folder: Path, component: str, info: dict) -> nn.Module:
                             "it was not written for this architecture")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    from .compat import mark_quantized
+
+    mark_quantized(model, component, info["scheme"], config.get("quantization_config"))
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
         raise KreaLiteError(f"{folder} lacks tensor {still_meta[0]!r}; run `krea-lite verify` on the folder")
@@ -92,13 +101,15 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
     Args:
         path: a folder written by `quantize_pipeline`.
         device: "cuda", "cuda:N" or "cpu"; default CUDA when available.
-        vram_gb: the card's memory in GiB (the plan leaves `plan.CUDA_CONTEXT_BYTES` of it to the CUDA
-            context); default: what the card has free.
+        vram_gb: the card's memory in GiB: the plan is made for `plan.Budget(vram_gb)` (the card less
+            its CUDA context) and this process's allocator on `device` is held to it, exactly as
+            `krea-lite generate --vram-gb` does; default: plan for what the card has free, hold nothing.
         width, height, batch: the largest images you will generate (activations are planned for them).
         verify: "quick" (files present, sizes, headers), "full" (also every sha256) or "none".
 
     Returns:
-        A FluxPipeline; `pipe.krea_lite` holds the manifest and the placement plan.
+        A FluxPipeline; `pipe.krea_lite` holds the manifest, the plan and the placement
+        (`pipe.krea_lite.close()` undoes the placement and unpins host memory).
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextModel, CLIPTokenizer, T5TokenizerFast
@@ -106,7 +117,10 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
     path = Path(path).expanduser()
     device = _resolve_device(device)
     if device == "cpu" and vram_gb is not None:
-        raise KreaLiteError("--vram-gb needs a CUDA device; drop it to run on the CPU")
+        raise KreaLiteError("vram_gb= (--vram-gb) needs a CUDA device; leave it out to run on the CPU")
+    from .plan import Budget
+
+    budget = None if vram_gb is None else Budget(vram_gb)  # checked before anything loads
     if verify not in ("quick", "full", "none"):
         raise KreaLiteError(f"verify={verify!r}: use 'quick', 'full' or 'none'")
     seconds, t0 = {}, time.perf_counter()
@@ -136,13 +150,15 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"),
     )
     lap("clip_vae_tokenizers")
-    pipe.krea_lite = LoadInfo(path=path, manifest=manifest, device=device, seconds=seconds)
+    pipe.krea_lite = LoadInfo(path=path, manifest=manifest, device=device, seconds=seconds, budget=budget)
     if device != "cpu":
-        from .plan import card_budget, measure, plan_for_budget
+        from .plan import measure, plan_for_budget
 
+        if budget is not None:
+            budget.enforce(device)
         # no budget given: what this card (not the current device) has free, the CUDA context already taken
-        budget = torch.cuda.mem_get_info(torch.device(device))[0] if vram_gb is None else card_budget(vram_gb)
-        place(pipe, plan_for_budget(measure(pipe), budget, width=width, height=height, batch=batch))
+        allocator = torch.cuda.mem_get_info(torch.device(device))[0] if budget is None else budget.allocator_bytes
+        place(pipe, plan_for_budget(measure(pipe), allocator, width=width, height=height, batch=batch))
         torch.cuda.synchronize(device)
         gc.collect()  # the CPU copies of what moved: release their file mappings now, not at some later step
         lap("place")
@@ -153,9 +169,43 @@ def place(pipe, plan) -> None:
     """Apply a placement plan to a loaded pipeline (undoing any earlier one) and record it."""
     from dataclasses import replace
 
-    from .streaming import apply_plan
+    from .placement import apply_plan
 
     info = pipe.krea_lite
     if info.placement is not None:
-        info.placement.remove()
+        info.placement.close()
     pipe.krea_lite = replace(info, plan=plan, placement=apply_plan(pipe, plan, info.device))
+
+
+def with_oom_fallback(pipe, call):
+    """`call()`; after a CUDA out-of-memory error, re-place `pipe` once with a more conservative plan
+    (`Plan.shrink`) and call again. What `generate` uses for every image; use it around your own `pipe(...)`.
+
+    Args:
+        pipe: a pipeline from `load_pipeline`.
+        call: a function of no arguments that runs the pipeline, e.g. `lambda: pipe(prompt)`.
+    """
+    info = getattr(pipe, "krea_lite", None)
+    try:
+        return call()
+    except torch.OutOfMemoryError:
+        if info is None or info.plan is None:
+            raise
+        retry = True  # outside the except block, so the failed pass's tensors can be freed
+    if retry:
+        _fall_back(pipe)
+        return call()
+
+
+def _fall_back(pipe) -> None:
+    plan = pipe.krea_lite.plan
+    if plan.conservative:
+        raise KreaLiteError("out of GPU memory even with the conservative plan; pass a smaller vram_gb (--vram-gb) "
+                            "or generate smaller images")
+    torch.cuda.empty_cache()
+    smaller = plan.shrink()
+    print(f"krea-lite: out of GPU memory; retrying once with a more conservative plan "
+          f"(predicted peak {smaller.peak_bytes / 2**30:.2f} GiB instead of {plan.peak_bytes / 2**30:.2f})",
+          flush=True)
+    place(pipe, smaller)
+    torch.cuda.empty_cache()

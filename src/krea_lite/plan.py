@@ -1,8 +1,10 @@
 """plan_for_budget: which weights live on the GPU, which stream, for a VRAM budget.
 
-The budget is what torch's caching allocator may reserve on the GPU, i.e. the cap that
-`torch.cuda.set_per_process_memory_fraction` enforces. The CUDA context lies outside it: a card of
-N GiB (`--vram-gb N`, `card_budget`) gives the planner N - 0.85 GiB.
+One budget, used alike by `krea-lite generate --vram-gb N`, `load_pipeline(vram_gb=N)` and the bench:
+`Budget(card_gib=N)` is a card of N GiB. The CUDA context, cuBLAS workspaces and kernels take
+`CUDA_CONTEXT_BYTES` (0.85 GiB) of it outside torch's caching allocator, so the allocator gets N - 0.85
+GiB: the planner plans for exactly that, and `Budget.enforce` holds the process to exactly that
+(`torch.cuda.set_per_process_memory_fraction`), so --vram-gb 8 on a larger card behaves like an 8 GB card.
 
 A generation has three phases, and the plan must fit the largest of them:
     encode   CLIP, then T5 (text tokens only)
@@ -96,13 +98,13 @@ def measure(pipe) -> Sizes:
     """Bytes of every component of a FluxPipeline and of every block of its three block lists.
 
     Counts every tensor a forward reads, once: parameters, buffers, bitsandbytes quant states and
-    int8 scales, optimum-quanto's inner tensors (`streaming.leaf_tensors`).
+    int8 scales, optimum-quanto's inner tensors (`packing.leaf_tensors`).
 
     Args:
         pipe: a FluxPipeline (or any object with `transformer`, `text_encoder_2`, `text_encoder`,
             `vae`; a missing or None component counts 0). Call it before `apply_plan`.
     """
-    from .streaming import leaf_tensors, nbytes
+    from .packing import leaf_tensors, nbytes
 
     def blocks_and_rest(module, lists):
         if module is None:
@@ -129,7 +131,7 @@ def measure(pipe) -> Sizes:
 
 @dataclass(frozen=True)
 class Plan:
-    """Where every weight lives. Build it with `plan_for_budget`; apply it with `streaming.apply_plan`.
+    """Where every weight lives. Build it with `plan_for_budget`; apply it with `placement.apply_plan`.
 
     Blocks not listed as streamed stay resident on the GPU. Streamed blocks live in pinned host
     memory and are copied into `prefetch` GPU slots per list, just before they run.
@@ -289,12 +291,50 @@ def _phases(s: Sizes, c: _Choice, step_act: int, decode_act: int, encode_act: in
     return (("encode", always + encode), ("denoise", always + step_act), ("decode", always + decode))
 
 
+MAX_CARD_GIB = 4096  # larger than any GPU made: a bound for typos such as --vram-gb 8000000
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A card's memory, the one meaning of `--vram-gb` / `vram_gb=` everywhere (see the module docstring).
+
+    Attributes:
+        card_gib: the card's memory in GiB.
+        context_bytes: what the CUDA context takes of it, outside torch's allocator.
+    """
+
+    card_gib: float
+    context_bytes: int = CUDA_CONTEXT_BYTES
+
+    def __post_init__(self):
+        import math
+
+        v = self.card_gib
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > MAX_CARD_GIB:
+            raise KreaLiteError(f"--vram-gb / vram_gb= {v!r} is not a card size; give the card's memory in GiB, "
+                                f"e.g. 8 (at most {MAX_CARD_GIB})")
+        if not v * GiB > self.context_bytes:
+            raise KreaLiteError(f"a card of {v:g} GiB (--vram-gb / vram_gb=) leaves nothing for the model after the CUDA context "
+                                f"({self.context_bytes / GiB:.2f} GiB); give the card's memory in GiB, e.g. 8")
+
+    @property
+    def allocator_bytes(self) -> int:
+        """What torch's caching allocator may reserve: the card less the CUDA context."""
+        return int(self.card_gib * GiB) - self.context_bytes
+
+    def enforce(self, device) -> None:
+        """Hold this process's allocator on `device` (a CUDA device) to `allocator_bytes`."""
+        import torch
+
+        device = torch.device(device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, self.allocator_bytes / total), index)
+
+
 def card_budget(vram_gb: float) -> int:
-    """The allocator's budget on a card with `vram_gb` GiB: the card less `CUDA_CONTEXT_BYTES`."""
-    if not vram_gb > CUDA_CONTEXT_BYTES / GiB:
-        raise KreaLiteError(f"--vram-gb {vram_gb:g} leaves nothing for the model after the CUDA context "
-                            f"({CUDA_CONTEXT_BYTES / GiB:.2f} GiB); give the card's memory in GiB, e.g. --vram-gb 8")
-    return int(vram_gb * GiB) - CUDA_CONTEXT_BYTES
+    """The allocator's budget on a card with `vram_gb` GiB: `Budget(vram_gb).allocator_bytes`."""
+    return Budget(vram_gb).allocator_bytes
 
 
 def _free_cuda_bytes() -> int | None:

@@ -63,11 +63,9 @@ class Bf16(Scheme):
 
 
 def _bnb():
-    try:
-        import bitsandbytes as bnb
-    except ImportError as e:  # pragma: no cover - a dependency of the package
-        raise KreaLiteError("bitsandbytes is not installed: pip install 'bitsandbytes>=0.46'") from e
-    return bnb
+    from .compat import bnb
+
+    return bnb()
 
 
 def _bnb_config(component: str, **kwargs) -> dict:

@@ -217,10 +217,13 @@ def _time_steps(transformer, cell: dict, dev, result: dict, save, placement=None
 
 
 def _e2e(pipe, cell: dict, dev, result: dict, save) -> None:
-    """One image (batch) end to end: text encode, all steps, VAE decode to PIL; the final latent kept."""
+    """One image (batch) end to end: text encode, all steps, VAE decode to PIL; the final latent kept.
+    `e2e_steps` 0: no end-to-end image."""
     import numpy as np
     import torch
 
+    if not cell.get("e2e_steps"):
+        return
     result["phase"] = "e2e"
     save()
     m = result["metrics"]
@@ -273,18 +276,22 @@ def _finish(m: dict, phases=("load_", "step_", "e2e_"), into: str = "") -> None:
 
 
 def _cap(dev, budget_gib: float | None, m: dict) -> None:
-    """Cap this process's caching allocator at the budget, before anything allocates on the GPU."""
+    """Hold this process to a card of `budget_gib` GiB before anything allocates on the GPU: exactly what
+    `krea-lite generate --vram-gb` and `load_pipeline(vram_gb=)` enforce (`plan.Budget`: the card less its
+    CUDA context), for krea-lite cells and anchors alike."""
     import torch
+
+    from ..plan import Budget
 
     if budget_gib is None or dev.type != "cuda":
         return
     total = torch.cuda.get_device_properties(dev).total_memory
     if budget_gib * GiB > total:
         raise _Skip(f"budget {budget_gib:g} GiB exceeds the card's {total / GiB:.1f} GiB")
-    # set_per_process_memory_fraction wants an index: torch.device("cuda") has none.
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    torch.cuda.set_per_process_memory_fraction(budget_gib * GiB / total, index)
-    m["cap_fraction"] = round(budget_gib * GiB / total, 5)
+    budget = Budget(budget_gib)
+    budget.enforce(dev)
+    m["cap_fraction"] = round(budget.allocator_bytes / total, 5)
+    m["cap_allocator_gib"] = round(budget.allocator_bytes / GiB, 3)
 
 
 def _cell_env(cell: dict, result: dict, save) -> None:
@@ -456,5 +463,120 @@ def _cell_ref(cell: dict, result: dict, save) -> None:
     _e2e(pipe, cell, dev, result, save)
 
 
+# Per-step ratio targets against the resident step, NF4 at 1024^2 (issue "Streaming that keeps the model whole").
+RATIO_TARGETS = {8.0: 1.05, 6.0: 1.08, 4.0: 1.10}
+
+
+def _cell_ratio(cell: dict, result: dict, save) -> None:
+    """Interleaved ratios, one process, one load: the resident placement and the placement of each card
+    take turns, `rounds` times (the order reversed every other round), `warmup` + `steps` steps each, so
+    that drift of the machine hits every configuration alike. Each card is held to exactly what the
+    product enforces (`plan.Budget`). A ratio is a round's median capped step over the same round's
+    median resident step; reported as the median with min-max over rounds, and flagged when the spread
+    is wider than the margin to its target. Per configuration also: GPU time waiting on copies, the
+    allocator's retries (cudaFree + retry near the cap), host CPU time per step."""
+    import numpy as np
+    import torch
+
+    from ..pipeline import load_pipeline, place
+    from ..plan import Budget, measure, plan_for_budget
+
+    m = result["metrics"]
+    dev = _device(cell)
+    result["phase"] = "load"
+    save()
+    pipe = load_pipeline(cell["model"], device=str(dev), width=cell["width"], height=cell["height"],
+                         batch=cell["batch"])
+    _loaded()
+    sizes = measure(pipe)
+    kw = _step_inputs(pipe.transformer, cell, dev)
+    configs = [None, *cell["budgets"]]
+    runs = {str(c): [] for c in configs}
+    result["phase"] = "rounds"
+    save()
+    first_out = {}
+    for r in range(cell["rounds"]):
+        for card in (configs if r % 2 == 0 else configs[::-1]):
+            if dev.type == "cuda":
+                torch.cuda.set_per_process_memory_fraction(1.0, dev.index or 0)
+            budget = None if card is None else Budget(card)
+            place(pipe, plan_for_budget(sizes, None if budget is None else budget.allocator_bytes,
+                                        width=cell["width"], height=cell["height"], batch=cell["batch"]))
+            if budget is not None and dev.type == "cuda":
+                budget.enforce(dev)
+            placement = pipe.krea_lite.placement
+            for st in placement.streamers.values():
+                st.profile = True
+            _reset_peaks(dev)
+            times, cpu = [], []
+            with torch.inference_mode():
+                for i in range(cell["warmup"] + cell["steps"]):
+                    if i == cell["warmup"]:
+                        placement.stats(reset=True)
+                        retries = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0) if dev.type == "cuda" else 0
+                    _sync(dev)
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    out = pipe.transformer(**kw)[0]
+                    _sync(dev)
+                    if i >= cell["warmup"]:
+                        times.append(time.perf_counter() - t0)
+                        cpu.append(time.process_time() - c0)
+            st = [v for k, v in placement.stats().items() if k != "on_demand"]
+            run = {"round": r, "s_per_step": float(np.median(times)), "step_times_s": [round(t, 5) for t in times],
+                   "cpu_s_per_step": round(float(np.median(cpu)), 5),
+                   "copy_wait_ms_per_step": round(sum(v.get("wait_ms", 0.0) for v in st) / len(times), 3),
+                   "copied_gib_per_step": round(sum(v["bytes_copied"] for v in st) / len(times) / GiB, 4),
+                   "streamed": [len(placement.plan.streamed_double), len(placement.plan.streamed_single)],
+                   "prefetch": placement.plan.prefetch}
+            if dev.type == "cuda":
+                run["alloc_retries"] = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0) - retries
+                run["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(dev) / GiB, 3)
+                if budget is not None:
+                    run["under_cap"] = torch.cuda.max_memory_reserved(dev) <= budget.allocator_bytes
+            key = str(card)
+            if key in first_out:
+                run["equals_resident"] = bool(torch.equal(out, first_out["None"])) if "None" in first_out else None
+            else:
+                first_out[key] = out.clone()
+                if key != "None" and "None" in first_out:
+                    run["equals_resident"] = bool(torch.equal(out, first_out["None"]))
+            runs[key].append(run)
+            print(f"[ratio] round {r} card {card}: {run['s_per_step']:.4f} s/step, wait "
+                  f"{run['copy_wait_ms_per_step']} ms, retries {run.get('alloc_retries')}", flush=True)
+            save()
+    if dev.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(1.0, dev.index or 0)
+    pipe.krea_lite.close()
+    m["runs"] = runs
+    m["ratios"] = ratio_summary(runs, cell["budgets"])
+    save()
+
+
+def ratio_summary(runs: dict, budgets: list) -> dict:
+    """Per card: the per-round ratios to the same round's resident step, median and min-max, the target and
+    whether the spread is wider than the margin to it."""
+    import numpy as np
+
+    resident = {r["round"]: r["s_per_step"] for r in runs["None"]}
+    out = {"resident_s_per_step": round(float(np.median(list(resident.values()))), 5)}
+    for card in budgets:
+        rs = [r["s_per_step"] / resident[r["round"]] for r in runs[str(card)] if r["round"] in resident]
+        if not rs:
+            continue
+        med, lo, hi = float(np.median(rs)), min(rs), max(rs)
+        target = RATIO_TARGETS.get(float(card))
+        row = {"ratio_median": round(med, 4), "ratio_min": round(lo, 4), "ratio_max": round(hi, 4), "rounds": len(rs),
+               "s_per_step": round(float(np.median([r["s_per_step"] for r in runs[str(card)]])), 5),
+               "peak_reserved_gib": max((r.get("peak_reserved_gib", 0) for r in runs[str(card)]), default=None),
+               "under_cap": all(r.get("under_cap", True) for r in runs[str(card)]),
+               "equals_resident": all(r.get("equals_resident", True) is not False for r in runs[str(card)]),
+               "copy_wait_ms_per_step": max(r.get("copy_wait_ms_per_step", 0.0) for r in runs[str(card)]),
+               "alloc_retries": sum(r.get("alloc_retries", 0) for r in runs[str(card)])}
+        if target is not None:
+            row.update(target=target, met=med <= target, spread_wider_than_margin=(hi - lo) > (target - med))
+        out[str(card)] = row
+    return out
+
+
 CELL_KINDS = {"env": _cell_env, "prepare": _cell_prepare, "krea": _cell_krea, "anchor": _cell_anchor,
-              "ref": _cell_ref}
+              "ref": _cell_ref, "ratio": _cell_ratio}

@@ -16,7 +16,7 @@ PRESETS = {
                  resolutions=["1024x1024", "512x512", "768x768", "1152x896"], batches=[1, 2],
                  steps=5, warmup=1, e2e_steps=28, anchors=list(ANCHORS), anchor_resolution="1024x1024",
                  anchor_budgets=[None, 8, 4], cell_timeout=900, time_budget=0),
-    # One 10-minute H100 command with `--synthetic full` (~2.5 min to write and quantize it): nf4 at
+    # One 10-minute H200 command with `--synthetic full` (~2.5 min to write and quantize it): nf4 at
     # four budgets x two resolutions (~20-40 s a cell, mostly import + load), bf16_resident and the four
     # other anchors at 8 GiB, and the bf16 reference at 1024². The 540 s budget leaves ~45 s for
     # installing wheels; what no longer fits (the 512² cells first) is recorded as skipped.
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="write a synthetic (random weights) FLUX into --workdir and use it as --source")
     src.add_argument("--workdir", type=Path, help="where quantized folders (WORKDIR/SCHEME) and scratch files live")
     m = parser.add_argument_group("matrix (defaults from --quick or the full preset)")
-    m.add_argument("--quick", action="store_true", help="the preset that fits one 10-minute H100 run")
+    m.add_argument("--quick", action="store_true", help="the preset that fits one 10-minute H200 run")
     m.add_argument("--schemes", nargs="+", choices=SCHEMES)
     m.add_argument("--budgets", nargs="+", type=_budget, metavar="GIB|none",
                    help="VRAM caps: each cell's allocator is held to N GiB and krea-lite plans for a card of N GiB "
@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--anchor-resolution", type=_resolution, metavar="WxH")
     m.add_argument("--anchor-budgets", nargs="+", type=_budget, metavar="GIB|none",
                    help="caps for the anchors (bf16_resident always runs uncapped, once)")
+    m.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="also measure streamed/resident step ratios interleaved in one process: ROUNDS rounds "
+                        "of resident and every capped --budgets card taking turns (3 or more; 0: off)")
     m.add_argument("--cell-timeout", type=float, help="seconds before a cell is killed")
     m.add_argument("--time-budget", type=float, help="seconds for the whole run; cells that no longer fit are "
                    "recorded as skipped (0: no limit)")
@@ -88,7 +91,11 @@ def _settings(args) -> dict:
     s["anchor_resolution"] = (s["anchor_resolution"] if isinstance(s["anchor_resolution"], tuple)
                               else _resolution(s["anchor_resolution"]))
     s.update(preset="quick" if args.quick else "full", prompt=args.prompt, seed=args.seed,
-             guidance=args.guidance, text_tokens=args.text_tokens)
+             guidance=args.guidance, text_tokens=args.text_tokens, interleave=getattr(args, "interleave", 0) or 0)
+    if s["interleave"] and s["interleave"] < 3:
+        raise _error(f"--interleave {s['interleave']}: give at least 3 rounds (a spread needs them), or 0 for none")
+    if s["e2e_steps"] is not None and s["e2e_steps"] < 0:
+        raise _error(f"--e2e-steps {s['e2e_steps']} must be 0 (no end-to-end image) or more")
     return s
 
 
@@ -147,7 +154,12 @@ def plan_cells(s: dict, schemes: list[str], have_source: bool, have: dict[str, b
                     image_tokens=(aw // 16) * (ah // 16))
                for a in s["anchors"] if have.get(a.split("_")[0])
                for bg in ([None] if a == "bf16_resident" else s["anchor_budgets"])]
-    cells = [c for sc in schemes for c in krea(sc, *first)] + anchors + ref(*first)
+    capped = [b for b in s["budgets"] if b is not None]
+    ratios = [dict(common, id=f"ratio {sc} {_rid(*first)} x{s['interleave']}", kind="ratio", name=sc,
+                   budget_gib=None, budgets=capped, rounds=s["interleave"], width=first[0], height=first[1],
+                   batch=first[2], image_tokens=(first[0] // 16) * (first[1] // 16))
+              for sc in schemes] if s.get("interleave") and capped else []
+    cells = ratios + [c for sc in schemes for c in krea(sc, *first)] + anchors + ref(*first)
     for shape in rest:
         cells += [c for sc in schemes for c in krea(sc, *shape)] + ref(*shape)
     return cells

@@ -127,7 +127,7 @@ def _resident(doc: dict, c: dict) -> dict | None:
 
 def _sorted_cells(doc: dict) -> list[dict]:
     order = {"krea": 0, "anchor": 1, "ref": 2}
-    return sorted(doc["cells"], key=lambda c: (
+    return sorted((c for c in doc["cells"] if c["kind"] in order), key=lambda c: (
         c["width"] * c["height"] * c["batch"], c["width"], c["batch"], order[c["kind"]],
         SCHEMES.index(c["name"]) if c["kind"] == "krea" else 0, -(c["budget_gib"] or 1e9),
         ANCHORS.index(c["name"]) if c["kind"] == "anchor" else 0))
@@ -219,6 +219,33 @@ def _header(doc: dict) -> str:
             f"{doc['date'][:10]}; preset {doc['settings'].get('preset')}.")
 
 
+def ratio_table(doc: dict) -> str:
+    """The interleaved ratio cells: per card, capped step / resident step of the same round."""
+    rows = []
+    for c in doc["cells"]:
+        if c["kind"] != "ratio" or not (r := c.get("metrics", {}).get("ratios")):
+            if c["kind"] == "ratio" and c.get("status") != "ok":
+                rows.append(f"| {c['name']} {c['width']}x{c['height']} | {c['status']}: {(c.get('error') or '')[:80]} "
+                            "| | | | | | |")
+            continue
+        for card in c["budgets"]:
+            x = r.get(str(card))
+            if not x:
+                continue
+            target = f"≤ {x['target']:.2f}" + (" met" if x["met"] else " **missed**") if "target" in x else ""
+            flag = " (spread wider than the margin)" if x.get("spread_wider_than_margin") else ""
+            rows.append(f"| {c['name']} {c['width']}x{c['height']} | {card:g} GiB | {x['ratio_median']:.3f} "
+                        f"({x['ratio_min']:.3f}–{x['ratio_max']:.3f}, {x['rounds']} rounds) | {target}{flag} | "
+                        f"{x['s_per_step']:.4f} vs {r['resident_s_per_step']:.4f} | {x['peak_reserved_gib']} | "
+                        f"{x['copy_wait_ms_per_step']} | {x['alloc_retries']} |")
+    if not rows:
+        return ""
+    return ("Interleaved streamed/resident step ratios (one process, resident and each card taking turns; "
+            "median, min–max over rounds):\n\n"
+            "| model | card | ratio (min–max) | target | s/step vs resident | peak reserved GiB | copy wait ms/step "
+            "(max) | allocator retries |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
 def render_section(doc: dict, plot_prefix: str) -> str:
     """The markdown block shared by the run's .md file and the README (deterministic for a doc)."""
     plots = "\n".join(f"![{title}]({plot_prefix}-{name}.png)" for name, title in PLOTS.items())
@@ -227,7 +254,7 @@ def render_section(doc: dict, plot_prefix: str) -> str:
                       + (f" ({r['error'][:120]})" if r.get("error") else "")
                       for k, r in sorted(doc.get("prepare", {}).items()))
     return "\n\n".join(x for x in [
-        _header(doc), f"Setup: {setup}." if setup else "", markdown_table(doc),
+        _header(doc), f"Setup: {setup}." if setup else "", ratio_table(doc), markdown_table(doc),
         "What dominates a streamed step:\n" + "\n".join(dom) if dom else "", plots] if x) + "\n"
 
 
@@ -241,7 +268,8 @@ def short_table(doc: dict) -> str:
                      f"{_f(err, '8.4f'):>8}")
         if c.get("error") and c["status"] != "ok":
             lines.append(f"    {c['error'][:110]}")
-    return "\n".join(lines)
+    ratios = ratio_table(doc)
+    return "\n".join(lines) + ("\n\n" + ratios if ratios else "")
 
 
 PLOTS = {"vram": "peak reserved VRAM vs s/step", "budget": "s/step vs VRAM budget",

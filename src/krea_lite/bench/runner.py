@@ -248,7 +248,10 @@ def _run(args) -> int:
                              "transformer_gib": _folder_gib(Path(models[sc]) / "transformer"),
                              "synthetic": _is_synthetic(manifest), "components": {
                                  k: v.get("scheme") for k, v in manifest.get("components", {}).items()}}
-    synthetic = bool(args.synthetic) or any(m["synthetic"] for m in doc["models"].values())
+    from ..source import SYNTHETIC_MARKER
+
+    source_synthetic = bool(source) and (Path(source).expanduser() / SYNTHETIC_MARKER).is_file()
+    synthetic = bool(args.synthetic) or source_synthetic or any(m["synthetic"] for m in doc["models"].values())
     doc.update(synthetic=synthetic, label=SYNTHETIC_LABEL if synthetic else REAL_LABEL, source=source)
     ref_dir = source or models.get("bf16")
     cells = plan_cells(s, schemes, have_source=bool(ref_dir),
