@@ -17,6 +17,9 @@ _LAZY = {
     "verify_checkpoint": "checkpoint",
     "plan_for_budget": "plan",
     "load_pipeline": "pipeline",
+    "GenerateConfig": "generate",
+    "OutputConfig": "generate",
+    "read_metadata": "generate",
     "KreaLiteError": "errors",
 }
 
@@ -27,3 +30,7 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'krea_lite' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})

@@ -26,7 +26,7 @@ def run_demo(out: Path) -> str:
     """
     from transformers.utils import logging
 
-    from .generate import GenerateConfig, generate
+    from .generate import GenerateConfig, OutputConfig, generate
     from .pipeline import load_pipeline
     from .quantize import QuantizeConfig, quantize_pipeline
     from .synthetic import write_synthetic
@@ -48,7 +48,8 @@ def run_demo(out: Path) -> str:
         pipe = load_pipeline(folder, device="cpu")
         pipe.set_progress_bar_config(disable=True)
         t2 = time.perf_counter()
-        (g,) = generate(pipe, [PROMPT], config, out / "images" / scheme)
+        # the demo's own images: a second run replaces them rather than adding NAME-2.png beside them
+        (g,) = generate(pipe, [PROMPT], config, out / "images" / scheme, OutputConfig(overwrite=True))
         t3 = time.perf_counter()
         from PIL import Image
 

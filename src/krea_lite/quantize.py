@@ -216,8 +216,7 @@ def quantize_pipeline(source: str | Path, out: str | Path, config: QuantizeConfi
     Returns:
         The path of the finished folder.
     """
-    from tqdm.auto import tqdm
-
+    from .progress import progress_bar
     from .source import resolve_source
 
     config = config or QuantizeConfig()
@@ -261,7 +260,7 @@ def quantize_pipeline(source: str | Path, out: str | Path, config: QuantizeConfi
         with atomic_folder(out, force=force, protect=protect) as tmp:
             components = {}
             total = sum(p.stat().st_size for c in QUANTIZED for p in src.files(c))
-            with tqdm(total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
+            with progress_bar(total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
                 for component, scheme_name in (("transformer", config.transformer),
                                                ("text_encoder_2", config.text_encoder)):
                     patterns = keep_patterns(component, scheme_name, config.keep)

@@ -9,12 +9,43 @@ loads in plain diffusers/transformers and a quanto folder through optimum-quanto
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import KreaLiteError
+
+# Two messages the first load prints on a CPU-only machine without torchvision, neither about krea-lite
+# nor actionable for it: bitsandbytes (imported by diffusers' quantizers, before any krea-lite call into
+# it) tries an optional kernel package, and transformers falls back to PIL image processors that FLUX
+# never uses. Exactly these are dropped, by a filter on the one logger that emits each; nothing else.
+_LIBRARY_NOISE = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "transformers.utils.import_utils": "requires torchvision (not installed); falling back to",
+}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__(f"krea-lite: drop {text!r}")
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_library_noise() -> None:
+    """Install the `_LIBRARY_NOISE` filters (once). Runs when this module is first imported, which
+    `pipeline` and `quantize` do before they import diffusers; `import krea_lite` does not."""
+    for name, text in _LIBRARY_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropMessage(text))
+
+
+quiet_library_noise()
 
 # bitsandbytes NF4: 64 weights share one absmax; the absmaxes are themselves quantized to 8 bit
 # ("double quant", QLoRA): ~4.13 bits per weight instead of ~4.5.

@@ -178,11 +178,12 @@ def _write_component(folder: Path, component: str, model: nn.Module, seed: int, 
     else:
         raise AssertionError(f"{component} needs {len(shards)} shards but is written unsharded")
     for name, shard in zip(names, shards, strict=True):
-        tensors = pool.map(lambda s: _random(seed, component, *s), shard)
-        state = dict(zip((s[0] for s in shard), tensors, strict=True))
+        state = {}
+        for spec, tensor in zip(shard, pool.map(lambda s: _random(seed, component, *s), shard), strict=True):
+            state[spec[0]] = tensor
+            bar.update(tensor.numel() * 2)  # per tensor: a full-size shard takes minutes to make
         save_file(state, folder / name, metadata={"format": "pt"})
-        bar.update(sum(t.numel() * 2 for t in state.values()))
-        del state, tensors
+        del state
     if component in SHARDED:
         index = {
             "metadata": {"total_size": sum(math.prod(s[1]) * 2 for s in specs)},
@@ -316,7 +317,8 @@ def write_synthetic(out: Path, size: str = "tiny", seed: int = 0, single_file: b
         `out`.
     """
     import diffusers
-    from tqdm.auto import tqdm
+
+    from .progress import progress_bar
 
     if size not in SIZES:
         raise KreaLiteError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")
@@ -345,8 +347,8 @@ def write_synthetic(out: Path, size: str = "tiny", seed: int = 0, single_file: b
     try:
         torch.set_num_threads(1)
         with ThreadPoolExecutor(WORKERS) as pool, \
-                tqdm(total=total, unit="B", unit_scale=True, desc=f"synthetic {size}",
-                     disable=None if size == "full" else True) as bar:
+                progress_bar(total=total, unit="B", unit_scale=True, desc=f"synthetic {size}",
+                             disable=size != "full") as bar:  # shown in logs too: full takes minutes
             for component, model in models.items():
                 folder = tmp / component
                 folder.mkdir()
