@@ -515,3 +515,29 @@ def test_a_placed_pipeline_says_what_it_is(quantized):
                 call()
     assert placement.closed and pipe.hf_device_map is None and not any(
         map(is_streamed, [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]))
+
+
+def test_compile_and_attention_backend_see_every_block():
+    """compile_repeated_blocks compiles streamed blocks too (the streaming hook runs outside the graph:
+    torch.compiler.disable), and the output stays exact; set_attention_backend reaches every block."""
+    import torch._dynamo
+
+    model, ref_model = tiny_flux(schemes=("bf16",)), tiny_flux(schemes=("bf16",))
+    with torch.no_grad():
+        ref = ref_model(**flux_inputs())[0]
+    pipe = types.SimpleNamespace(transformer=model)
+    placement = apply_plan(pipe, streamed_plan(pipe, double=(2, 3), single=(1, 2, 3, 4)), "cpu")
+    try:
+        model.set_attention_backend("native")
+        torch._dynamo.reset()
+        model.compile_repeated_blocks(backend="eager", dynamic=False)
+        compiled = [b for b in [*model.transformer_blocks, *model.single_transformer_blocks]
+                    if getattr(b, "_compiled_call_impl", None) is not None]
+        assert len(compiled) == len(model.transformer_blocks) + len(model.single_transformer_blocks)
+        with torch.no_grad():
+            for _ in range(2):
+                assert same_bits(model(**flux_inputs())[0], ref)
+        assert placement.streamers["transformer.single_transformer_blocks"].stats()["misses"] == 0
+    finally:
+        placement.close()
+        torch._dynamo.reset()
