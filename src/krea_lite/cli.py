@@ -86,9 +86,16 @@ def _cap_cuda_memory(device: str | None, vram_gb: float) -> None:
 
 
 def cmd_verify(args) -> int:
-    from .checkpoint import verify_checkpoint
+    from .checkpoint import CheckpointProblems, verify_checkpoint
 
-    manifest = verify_checkpoint(args.folder, full=not args.quick)
+    try:
+        manifest = verify_checkpoint(args.folder, full=not args.quick)
+    except CheckpointProblems as e:
+        if args.debug:
+            raise
+        for problem in e.problems:  # every problem, a line each
+            print(f"krea-lite: error: {problem}", file=sys.stderr)
+        return 2
     what = "sizes and headers" if args.quick else "sizes, headers and sha256"
     print(f"OK: {args.folder} ({len(manifest['files'])} files; {what} match the manifest)")
     return 0

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import check_out_parent, os_error, out_lock, save_safetensors
 from .errors import KreaLiteError
 from .source import SYNTHETIC_MARKER, bfl_layout, diffusers_to_bfl, open_safetensors
 
@@ -159,8 +160,6 @@ def _random(seed: int, component: str, name: str, shape: tuple[int, ...], kind: 
 def _write_component(folder: Path, component: str, model: nn.Module, seed: int, shard_bytes: int,
                      pool: ThreadPoolExecutor, bar) -> None:
     """Weights of one component: shards of about `shard_bytes`, one shard in RAM at a time."""
-    from safetensors.torch import save_file
-
     specs = _specs(model, FILE_PREFIX.get(component, ""))
     shards, size = [[]], 0
     for spec in specs:
@@ -180,7 +179,7 @@ def _write_component(folder: Path, component: str, model: nn.Module, seed: int, 
     for name, shard in zip(names, shards, strict=True):
         tensors = pool.map(lambda s: _random(seed, component, *s), shard)
         state = dict(zip((s[0] for s in shard), tensors, strict=True))
-        save_file(state, folder / name, metadata={"format": "pt"})
+        save_safetensors(state, folder / name, metadata={"format": "pt"})
         bar.update(sum(t.numel() * 2 for t in state.values()))
         del state, tensors
     if component in SHARDED:
@@ -315,12 +314,23 @@ def write_synthetic(out: Path, size: str = "tiny", seed: int = 0, single_file: b
     Returns:
         `out`.
     """
-    import diffusers
-    from tqdm.auto import tqdm
-
     if size not in SIZES:
         raise KreaLiteError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")
     out = Path(out).expanduser().resolve()
+    check_out_parent(out, option="folder")
+    with out_lock(out, option="folder"):  # one run per folder: a second one would delete this one's files
+        try:
+            return _write_locked(out, size, seed, single_file, force)
+        except OSError as e:
+            if (line := os_error(e, out, option="folder")) is not None:
+                raise line from e
+            raise
+
+
+def _write_locked(out: Path, size: str, seed: int, single_file: bool, force: bool) -> Path:
+    import diffusers
+    from tqdm.auto import tqdm
+
     if out.exists() and not force:
         raise KreaLiteError(f"{out} already exists; pass --force to replace it or choose another folder")
     if out.exists() and not (out / SYNTHETIC_MARKER).is_file():
