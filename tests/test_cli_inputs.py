@@ -141,7 +141,15 @@ def test_ctrl_c_while_importing_prints_one_line(quantized):
     """Ctrl-C in the first second, while torch and diffusers import: one line, exit 130, no traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "krea_lite.cli", "plan", "--model", str(quantized("nf4"))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
-    time.sleep(0.5)
+    maps = Path(f"/proc/{proc.pid}/maps")  # torch is imported inside main() only: wait until it starts loading
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if "libtorch" in maps.read_text():
+                break
+        except OSError:
+            pass
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (proc.returncode, err)

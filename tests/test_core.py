@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from krea_lite.checkpoint import MANIFEST, read_tensors, verify_checkpoint
+from krea_lite.checkpoint import MANIFEST, read_tensors, verify_checkpoint, weight_files
 from krea_lite.pipeline import load_component, load_pipeline
 from krea_lite.quantize import TRANSFORMER_KEEP_BNB, build_meta, keep_patterns, split_linears
 from krea_lite.schemes import SCHEMES, get_scheme
@@ -33,10 +33,15 @@ def transformer_inputs(config: dict, tokens: int = 16, text: int = 8, seed: int 
     )
 
 
+def _listed(folder) -> list[str]:
+    """A source component's safetensors, named as read_tensors takes them (relative to the pipeline folder)."""
+    return [f"{folder.name}/{p.name}" for p in weight_files(folder)]
+
+
 def bf16_transformer(source) -> nn.Module:
     config = json.loads((source / "transformer" / "config.json").read_text())
     model = build_meta("transformer", config)
-    model.load_state_dict(dict(read_tensors(source / "transformer")), assign=True)
+    model.load_state_dict(dict(read_tensors(source / "transformer", _listed(source / "transformer"))), assign=True)
     return model.eval()
 
 
@@ -116,8 +121,8 @@ def test_single_file_source_gives_the_same_transformer(tiny_source, quantized, t
     assert b["source"]["id"].endswith("flux1-krea-dev.safetensors")
     single = tiny_source / "flux1-krea-dev.safetensors"  # hashed beside the conversion, recorded whole
     assert b["source"]["transformer_file"]["sha256"] == hashlib.sha256(single.read_bytes()).hexdigest()
-    tensors_a = dict(read_tensors(from_folder / "transformer"))
-    tensors_b = dict(read_tensors(out / "transformer"))
+    tensors_a = dict(read_tensors(from_folder / "transformer", json.loads((from_folder / MANIFEST).read_text())["files"]))
+    tensors_b = dict(read_tensors(out / "transformer", b["files"]))
     assert tensors_a.keys() == tensors_b.keys()
     assert all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a)
     assert a["components"]["transformer"]["quantized_modules"] == b["components"]["transformer"]["quantized_modules"]

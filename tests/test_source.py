@@ -99,8 +99,10 @@ def test_repo_id_from_cache(hub_cache, tiny_source):
     _assert_same(_tensors(src, "text_encoder_2"), _tensors(resolve_source(str(tiny_source)), "text_encoder_2"))
     single = resolve_source(str(tiny_source / SINGLE_FILE), base="owner/flux")
     assert single.root == hub_cache and single.revision == COMMIT
-    with pytest.raises(KreaLiteError, match="owner/missing is not in the local Hugging Face cache and the hub "
-                                            "cannot be reached; connect, or pass a local diffusers folder"):
+    with pytest.raises(KreaLiteError, match="owner/missing is not a folder here .no such path., and as a Hugging Face "
+                                            "repo id it is not in the local Hugging Face cache and the hub cannot be "
+                                            "reached; check the path or repo id, connect to download it, or pass a "
+                                            "local diffusers folder"):
         resolve_source("owner/missing")
 
 
@@ -115,7 +117,7 @@ def test_single_file_base_needs_no_transformer_weights(hub_cache, tiny_source, t
 @pytest.mark.parametrize("error, message", [
     ("GatedRepoError", "owner/flux is gated .* accept the licence at https://huggingface.co/owner/flux and run "
                        "`hf auth login` or set HF_TOKEN"),
-    ("RepositoryNotFoundError", "owner/flux was not found on the Hugging Face hub"),
+    ("RepositoryNotFoundError", "owner/flux is not a folder here .* it was not found on the Hugging Face hub"),
     ("RevisionNotFoundError", "owner/flux has no revision 'v9'"),
 ])
 def test_hub_errors(monkeypatch, error, message):

@@ -135,11 +135,20 @@ def cmd_generate(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .checkpoint import verify_checkpoint
+    from .checkpoint import CheckpointProblems, verify_checkpoint
 
     what = "sizes and headers" if args.quick else "sizes, headers and sha256"
     try:
         manifest = verify_checkpoint(args.folder, full=not args.quick)
+    except CheckpointProblems as e:
+        if args.debug:
+            raise
+        if args.json:
+            _print_json({"folder": str(args.folder), "ok": False, "checked": what, "problems": list(e.problems)})
+        else:
+            for problem in e.problems:  # every problem, a line each
+                print(f"krea-lite: error: {problem}", file=sys.stderr)
+        return 2
     except KreaLiteError as e:
         if not args.json:
             raise

@@ -52,7 +52,7 @@ def load_component(folder: Path, component: str, info: dict) -> nn.Module:
         model.set_submodule(name, scheme.make_module(model.get_submodule(name)))
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     plain: dict[str, torch.Tensor] = {}
-    for key, tensor in read_tensors(folder):
+    for key, tensor in read_tensors(folder, read_manifest(folder.parent)["files"]):
         module = next((m for m in _prefixes(key) if m in modules), None)
         if module is None:
             plain[key] = tensor

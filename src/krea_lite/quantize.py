@@ -8,7 +8,6 @@ copied byte for byte.
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import json
 import shutil
@@ -23,7 +22,10 @@ from torch import nn
 from .checkpoint import (
     ShardWriter,
     atomic_folder,
+    check_out_parent,
     library_versions,
+    os_error,
+    out_lock,
     refuse_existing,
     refuse_overlap,
     write_manifest,
@@ -216,9 +218,6 @@ def quantize_pipeline(source: str | Path, out: str | Path, config: QuantizeConfi
     Returns:
         The path of the finished folder.
     """
-    from .progress import progress_bar
-    from .source import resolve_source
-
     config = config or QuantizeConfig()
     out = Path(out).expanduser()
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -226,6 +225,15 @@ def quantize_pipeline(source: str | Path, out: str | Path, config: QuantizeConfi
         raise KreaLiteError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
     local = tuple(Path(p).expanduser() for p in (source, config.base) if p and Path(p).expanduser().exists())
     refuse_overlap(out, local)  # before any download: a local source (or base) and --out must not overlap
+    check_out_parent(out)
+    with out_lock(out):  # one run per --out: a second one fails here instead of replacing the first
+        return _quantize_locked(source, out, config, device, force, progress)
+
+
+def _quantize_locked(source, out: Path, config: QuantizeConfig, device: str, force: bool, progress: bool) -> Path:
+    from .progress import progress_bar
+    from .source import resolve_source
+
     refuse_existing(out, force)
     src = resolve_source(str(source), base=config.base, revision=config.revision)
     protect = (src.root,) + ((src.transformer_file,) if src.transformer_file else ())
@@ -279,8 +287,8 @@ def quantize_pipeline(source: str | Path, out: str | Path, config: QuantizeConfi
                 "quantize_seconds": round(time.perf_counter() - started, 1),
             })
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise KreaLiteError(f"disk full while writing {out}: nothing was kept; free space and run again") from e
+        if (line := os_error(e, out)) is not None:
+            raise line from e
         raise
     finally:
         stop.set()

@@ -313,8 +313,13 @@ def _allow_patterns(transformer_weights: bool) -> list[str]:
     return patterns + (["transformer/*"] if transformer_weights else ["transformer/config.json"])
 
 
-def _snapshot(repo_id: str, revision: str | None, transformer_weights: bool) -> Path:
-    """The local snapshot folder of a hub repo (downloaded unless cached); errors as one line."""
+def _snapshot(repo_id: str, revision: str | None, transformer_weights: bool, what: str | None = None,
+              instead: str = "pass a local diffusers folder", typed: bool = True) -> Path:
+    """The local snapshot folder of a hub repo (downloaded unless cached); errors as one line.
+
+    `what` names the repo id where the hub has no such repo (default: "<id> is not a folder here
+    ..., and as a repo id it"); `instead` is the advice that replaces a download; `typed`: the user
+    typed the id (a mistyped path is possible), rather than it being a default."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -327,6 +332,8 @@ def _snapshot(repo_id: str, revision: str | None, transformer_weights: bool) -> 
     )
 
     at = f" at revision {revision!r}" if revision else ""
+    what = what or f"{repo_id} is not a folder here (no such path), and as a Hugging Face repo id{at} it"
+    check = "check the path or repo id, " if typed else ""
     login = f"accept the licence at https://huggingface.co/{repo_id} and run `hf auth login` or set HF_TOKEN"
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_allow_patterns(transformer_weights)))
@@ -335,14 +342,14 @@ def _snapshot(repo_id: str, revision: str | None, transformer_weights: bool) -> 
     except RevisionNotFoundError:
         raise KreaLiteError(f"{repo_id} has no revision {revision!r}; check --revision") from None
     except RepositoryNotFoundError:
-        raise KreaLiteError(f"{repo_id} was not found on the Hugging Face hub (or is private: run `hf auth login` "
-                            "or set HF_TOKEN); check the repo id, or pass a local diffusers folder") from None
+        raise KreaLiteError(f"{what} was not found on the Hugging Face hub (or is private: run `hf auth login` "
+                            f"or set HF_TOKEN); {check or 'check the repo id, '}or {instead}") from None
     except IncompleteSnapshotError:
         raise KreaLiteError(f"the cached download of {repo_id}{at} is incomplete and the hub cannot be reached; "
-                            "connect to finish it, or pass a local diffusers folder") from None
+                            f"connect to finish it, or {instead}") from None
     except LocalEntryNotFoundError:
-        raise KreaLiteError(f"{repo_id}{at} is not in the local Hugging Face cache and the hub cannot be reached; "
-                            "connect, or pass a local diffusers folder") from None
+        raise KreaLiteError(f"{what} is not in the local Hugging Face cache and the hub cannot be reached; "
+                            f"{check}connect to download it, or {instead}") from None
     except HFValidationError:
         raise KreaLiteError(f"{repo_id!r} is neither an existing path nor a valid Hugging Face repo id") from None
     except HfHubHTTPError as e:
@@ -350,19 +357,23 @@ def _snapshot(repo_id: str, revision: str | None, transformer_weights: bool) -> 
         if status in (401, 403):
             raise KreaLiteError(f"{repo_id}: the hub refused access (HTTP {status}): {login}") from None
         raise KreaLiteError(f"{repo_id}: the Hugging Face hub answered HTTP {status}; try again later, "
-                            "or pass a local diffusers folder") from None
+                            f"or {instead}") from None
 
 
-def _pipeline_root(spec: str, revision: str | None, transformer_weights: bool) -> tuple[Path, str | None]:
-    """(local pipeline folder, snapshot commit) for a repo id or folder."""
+def _pipeline_root(spec: str, revision: str | None, transformer_weights: bool, what: str | None = None,
+                   instead: str = "pass a local diffusers folder", typed: bool = True) -> tuple[Path, str | None]:
+    """(local pipeline folder, snapshot commit) for a repo id or folder (`what`, `instead`: see `_snapshot`)."""
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
             raise KreaLiteError(f"{path} is a file, not a folder; pass a diffusers folder, a .safetensors "
                                 "single file or a repo id")
+        if revision is not None:
+            raise KreaLiteError(f"--revision {revision} selects a version of a Hugging Face repo, but {spec} is a "
+                                "local folder, used as it is; drop --revision")
         root, commit = path.resolve(), None
     elif _REPO_ID.match(spec):
-        root = _snapshot(spec, revision, transformer_weights)
+        root = _snapshot(spec, revision, transformer_weights, what, instead, typed)
         commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else revision
     else:
         raise KreaLiteError(f"{spec} does not exist; pass a diffusers folder, a .safetensors single file or a "
@@ -378,8 +389,9 @@ def resolve_source(spec: str, base: str | None = None, revision: str | None = No
         spec: a Hugging Face repo id ("owner/name"), a local diffusers pipeline folder, or a BFL
             single-file transformer (`flux1-krea-dev.safetensors`).
         base: for a single file: the repo id or folder the other components (and the transformer's
-            config.json) come from; default `DEFAULT_REPO`. Ignored otherwise.
-        revision: hub branch, tag or commit for a repo id (of `spec`, or of `base` for a single file).
+            config.json) come from; default `DEFAULT_REPO`. Refused for other sources.
+        revision: hub branch, tag or commit for a repo id (of `spec`, or of `base` for a single file);
+            refused for a local folder.
 
     Returns:
         A `Source`. Raises KreaLiteError with one line naming the problem.
@@ -391,11 +403,23 @@ def resolve_source(spec: str, base: str | None = None, revision: str | None = No
             raise KreaLiteError(f"{path} does not exist; pass the path of flux1-krea-dev.safetensors")
         path = path.resolve()
         _read_single_file(path)  # fail now on a damaged or non-FLUX file
-        base = str(base or DEFAULT_REPO)
+        if base is None:  # the user typed no --base: say where the default came from
+            what = (f"{path.name} holds only the transformer; the VAE, text encoders and tokenizers come from "
+                    f"--base, by default {DEFAULT_REPO}, which")
+            root, commit = _pipeline_root(DEFAULT_REPO, revision, transformer_weights=False, what=what,
+                                          instead="pass --base with a local diffusers folder of FLUX.1", typed=False)
+            return Source(id=spec, root=root, revision=commit, transformer_file=path)
+        base = str(base)
         if base.endswith(".safetensors"):
             raise KreaLiteError(f"--base {base} is a single file; pass a repo id or diffusers folder for the "
                                 "VAE, text encoders and tokenizers")
-        root, commit = _pipeline_root(base, revision, transformer_weights=False)
+        at = f" at revision {revision!r}" if revision else ""
+        root, commit = _pipeline_root(base, revision, transformer_weights=False,
+                                      what=f"--base {base} is not a folder here (no such path), and as a "
+                                           f"Hugging Face repo id{at} it")
         return Source(id=spec, root=root, revision=commit, transformer_file=path)
+    if base is not None:
+        raise KreaLiteError(f"--base {base} is only used with a single-file source (.safetensors); {spec} is a "
+                            "whole pipeline with its own components: drop --base")
     root, commit = _pipeline_root(spec, revision, transformer_weights=True)
     return Source(id=spec, root=root, revision=commit)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import check_out_parent, os_error, out_lock, save_safetensors
 from .errors import KreaLiteError
 from .source import SYNTHETIC_MARKER, bfl_layout, diffusers_to_bfl, open_safetensors
 
@@ -159,8 +160,6 @@ def _random(seed: int, component: str, name: str, shape: tuple[int, ...], kind: 
 def _write_component(folder: Path, component: str, model: nn.Module, seed: int, shard_bytes: int,
                      pool: ThreadPoolExecutor, bar) -> None:
     """Weights of one component: shards of about `shard_bytes`, one shard in RAM at a time."""
-    from safetensors.torch import save_file
-
     specs = _specs(model, FILE_PREFIX.get(component, ""))
     shards, size = [[]], 0
     for spec in specs:
@@ -182,7 +181,7 @@ def _write_component(folder: Path, component: str, model: nn.Module, seed: int, 
         for spec, tensor in zip(shard, pool.map(lambda s: _random(seed, component, *s), shard), strict=True):
             state[spec[0]] = tensor
             bar.update(tensor.numel() * 2)  # per tensor: a full-size shard takes minutes to make
-        save_file(state, folder / name, metadata={"format": "pt"})
+        save_safetensors(state, folder / name, metadata={"format": "pt"})
         del state
     if component in SHARDED:
         index = {
@@ -316,13 +315,24 @@ def write_synthetic(out: Path, size: str = "tiny", seed: int = 0, single_file: b
     Returns:
         `out`.
     """
+    if size not in SIZES:
+        raise KreaLiteError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")
+    out = Path(out).expanduser().resolve()
+    check_out_parent(out, option="folder")
+    with out_lock(out, option="folder"):  # one run per folder: a second one would delete this one's files
+        try:
+            return _write_locked(out, size, seed, single_file, force)
+        except OSError as e:
+            if (line := os_error(e, out, option="folder")) is not None:
+                raise line from e
+            raise
+
+
+def _write_locked(out: Path, size: str, seed: int, single_file: bool, force: bool) -> Path:
     import diffusers
 
     from .progress import progress_bar
 
-    if size not in SIZES:
-        raise KreaLiteError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")
-    out = Path(out).expanduser().resolve()
     if out.exists() and not force:
         raise KreaLiteError(f"{out} already exists; pass --force to replace it or choose another folder")
     if out.exists() and not (out / SYNTHETIC_MARKER).is_file():
