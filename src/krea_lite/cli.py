@@ -56,10 +56,17 @@ def cmd_generate(args) -> int:
     if args.quiet:
         _no_loading_bars()
     out_folder(args.out)  # before the model loads
+    # --- LoRA (#12): parse --lora and check the files before the model loads; applied after it ---
+    from .lora import lora_specs, use_loras
+
+    loras = lora_specs(args.lora)
+    # --- end LoRA ---
     if args.vram_gb is not None and args.vram_gb > 0:
         _cap_cuda_memory(args.device, args.vram_gb)
     pipe = load_pipeline(args.model, device=args.device, vram_gb=args.vram_gb, width=args.width,
                          height=args.height, verify="full" if args.verify else "quick")
+    for lora in use_loras(pipe, loras):  # LoRA (#12)
+        print(lora.summary())
     plan = pipe.krea_lite.plan
     if args.verbose and plan is not None:
         print(plan.table())
@@ -184,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the card's memory in GiB: plan for it (less {context}) and hold this process to it "
                         "(default: what the card has free)")
     g.add_argument("--verify", action="store_true", help="check every file's sha256 before loading")
+    g.add_argument("--lora", action="append", metavar="FILE[:SCALE]",  # LoRA (#12)
+                   help="a LoRA .safetensors file, its scale after the last ':' (default 1.0); repeat to stack LoRAs")
     g.add_argument("--verbose", action="store_true", help="print the placement plan")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_generate)

@@ -138,6 +138,8 @@ def generate(pipe, prompts: list[str], config: GenerateConfig, out_dir: str | Pa
     """
     from PIL.PngImagePlugin import PngInfo
 
+    from .lora import lora_metadata
+
     for p in prompts:
         if not p or not p.strip():
             raise KreaLiteError("the prompt is empty; give a text prompt such as \"a red fox in snow\"")
@@ -177,6 +179,7 @@ def generate(pipe, prompts: list[str], config: GenerateConfig, out_dir: str | Pa
             settings.update({f"scheme_{c}": s for c, s in schemes.items()})
             if manifest_hash:
                 settings["model_manifest_sha256"] = manifest_hash
+            settings.update(lora_metadata(pipe))  # LoRA (#12): each active LoRA's file, sha256 and scale
             settings["software"] = "krea-lite"
             for key, value in settings.items():
                 meta.add_text(key, str(value))
