@@ -661,3 +661,15 @@ def test_lora_loaded_before_placement_gives_the_same_image_placed(scheme, quanti
     finally:
         placement.remove()
     assert (image(pipe) == ref_image).all()
+
+
+def test_full_size_bfl_control_lora_is_refused_before_conversion(tmp_path):
+    path = write_lora(tmp_path / "control.safetensors", "bfl-control", size="full", rank=2)  # diffusers splits A too
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    converted, _ = FluxPipeline.lora_state_dict(load_file(path), return_alphas=True)  # diffusers reads it ...
+    assert any(".norm_q." in k for k in converted)
+    with pytest.raises(KreaLiteError, match="is a FLUX Control LoRA") as e:  # ... krea-lite refuses it up front
+        L.read_lora_file(path)
+    assert "\n" not in str(e.value)
