@@ -535,6 +535,8 @@ def _active(pipe) -> list[str]:
 def active_loras(pipe) -> list[LoadedLora]:
     """The LoRAs (loaded by this module) that the pipeline applies now, with their scales."""
     reg = _registry(pipe)
+    if not reg:  # nothing loaded through krea-lite (peft need not even be importable)
+        return []
     return [reg[n] for n in _active(pipe) if n in reg]
 
 
