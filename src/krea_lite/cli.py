@@ -108,10 +108,17 @@ def cmd_generate(args) -> int:
         print(f"seed {seed} (random; pass --seed {seed} to repeat)", flush=True)
     if args.quiet:
         _no_loading_bars()
+    # --- LoRA (#12): parse --lora and check the files before the model loads; applied after it ---
+    from .lora import lora_specs, use_loras
+
+    loras = lora_specs(args.lora)
+    # --- end LoRA ---
     from .pipeline import load_pipeline
 
     pipe = load_pipeline(args.model, device=args.device, vram_gb=args.vram_gb, width=args.width,
                          height=args.height, verify="full" if args.verify else "quick")
+    for lora in use_loras(pipe, loras):  # LoRA (#12)
+        print(lora.summary())
     info = pipe.krea_lite
     if args.verify:
         print(f"verified {len(info.manifest['files'])} files of {info.path} against the manifest "
@@ -404,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "this process to it (default: what the card has free)")
     g.add_argument("--verify", action="store_true", help="check every file's sha256 before loading, and say so")
     g.add_argument("--verbose", action="store_true", help="print the device, load times and the placement plan")
+    g.add_argument("--lora", action="append", metavar="FILE[:SCALE]",  # LoRA (#12)
+                   help="a LoRA .safetensors file, its scale after the last ':' (default 1.0); repeat to stack LoRAs")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_generate)
 

@@ -349,6 +349,8 @@ def generate(pipe, prompts: list[str], config: GenerateConfig, out_dir: str | Pa
     import torch
 
     output = output or OutputConfig()
+    from .lora import lora_metadata
+
     for p in prompts:
         if not p or not p.strip():
             raise KreaLiteError("the prompt is empty; give a text prompt such as \"a red fox in snow\"")
@@ -386,6 +388,7 @@ def generate(pipe, prompts: list[str], config: GenerateConfig, out_dir: str | Pa
                                                                 if k2 not in ("seed", "num_images")}}
                 settings.update({f"scheme_{c}": s for c, s in schemes.items()})
                 settings.update(common)
+                settings.update(lora_metadata(pipe))  # LoRA (#12): each active LoRA's file, sha256 and scale
                 name = output.file_name({
                     "n": len(results), "i": i, "k": k, "prompt": _slug(prompt), "seed": seed, "steps": config.steps,
                     "guidance": config.guidance, "width": config.width, "height": config.height,
