@@ -114,14 +114,14 @@ def _fail(path: Path, what: str) -> KreaLiteError:
 
 def _header(path: Path, data: bytes) -> dict:
     """The safetensors header of `data`, checked against the file's size; one line if it is not one."""
-    if len(data) < 8:
-        raise _fail(path, f"is {len(data)} bytes long, too short for a safetensors file; re-download it")
     if data[:4] == b"PK\x03\x04":
         raise _fail(path, "is a PyTorch zip checkpoint (.pt/.pth/.bin/.ckpt), not safetensors; krea-lite never "
                           "unpickles files: get the .safetensors version of this LoRA")
     if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         raise _fail(path, "is a Python pickle, not safetensors; krea-lite never unpickles files: get the "
                           ".safetensors version of this LoRA")
+    if len(data) < 8:
+        raise _fail(path, f"is {len(data)} bytes long, too short for a safetensors file; re-download it")
     (n,) = struct.unpack("<Q", data[:8])
     if n > _HEADER_LIMIT or 8 + n > len(data):
         raise _fail(path, f"is truncated or not a safetensors file (its first 8 bytes announce a {n}-byte header; "
