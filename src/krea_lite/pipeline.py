@@ -151,6 +151,9 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
     )
     lap("clip_vae_tokenizers")
     pipe.krea_lite = LoadInfo(path=path, manifest=manifest, device=device, seconds=seconds, budget=budget)
+    from .lora import guard_fuse
+
+    guard_fuse(pipe)  # fuse_lora on a quantized transformer refuses in one line (it would requantize)
     if device != "cpu":
         from .plan import measure, plan_for_budget
 
