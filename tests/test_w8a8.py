@@ -69,6 +69,9 @@ def test_weight_quantization_is_per_output_channel(kind):
     w[3] *= 100  # one loud row must not coarsen the others
     w[5] = 0  # an all-zero row stays zero
     q, scale = quantize_weight(w.to(torch.bfloat16), kind)
+    w32 = w.clone()
+    quantize_weight(w32, kind)
+    assert torch.equal(w32, w), "an fp32 input was modified in place"
     k = KINDS[kind]
     assert q.dtype == k.dtype and q.shape == w.shape and scale.dtype == torch.float32 and scale.shape == (64,)
     assert torch.allclose(q.float().abs().amax(dim=1)[scale > w8a8.SCALE_MIN], torch.tensor(k.qmax))
@@ -238,6 +241,15 @@ def test_card_without_the_instructions_falls_back_in_one_line(kind, capability, 
     assert w8a8.check_folder(manifest, "cuda:0") == [f"transformer: {reason}"]
     w8a8.check_folder(manifest, "cuda:0")
     assert capsys.readouterr().out.count("krea-lite:") == 1
+
+
+@pytest.mark.parametrize("capability, scheme", [((9, 0), "fp8mm"), ((8, 9), "fp8mm"), ((8, 6), "int8mm"),
+                                                ((7, 5), "nf4")])
+def test_native_scheme_follows_the_capability(capability, scheme, monkeypatch, fresh_routes):
+    monkeypatch.setattr(w8a8, "_card", lambda device: ("NVIDIA Test Card", capability))
+    monkeypatch.setattr(w8a8, "_probe", lambda name, device: None)  # as if the kernel ran
+    assert w8a8.native_scheme("cuda:0")[0] == scheme
+    assert w8a8.native_scheme("cpu")[0] == "nf4"
 
 
 def test_kernel_that_fails_its_probe_falls_back_instead_of_erroring(monkeypatch, fresh_routes):

@@ -56,18 +56,17 @@ KINDS = {
 _EIGHT_BIT = (torch.float8_e4m3fn, torch.int8, torch.uint8)
 
 
-def _to8(v: torch.Tensor, kind: Kind) -> torch.Tensor:
-    """fp32 values already divided by their scale -> the 8-bit dtype (fp8 rounds to nearest even)."""
-    if kind.dtype == torch.int8:
-        v = v.round()
-    return v.clamp(-kind.qmax, kind.qmax).to(kind.dtype)
-
-
 def quantize_rows(x: torch.Tensor, kind: Kind) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, scale): x (rows, cols) ~= q * scale, scale (rows, 1) float32 = row absmax / qmax."""
-    x = x.float()
-    scale = (x.abs().amax(dim=-1, keepdim=True) / kind.qmax).clamp(min=SCALE_MIN)
-    return _to8(x / scale, kind), scale
+    """(q, scale): x (rows, cols) ~= q * scale, scale (rows, 1) float32 = row absmax / qmax.
+
+    One float32 temporary the size of x (in eager: the layer input of the single blocks' proj_out at
+    1024² is 4608 x 15360, 270 MiB); abs and max are exact in x's own dtype."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = (amax / kind.qmax).clamp(min=SCALE_MIN)
+    v = x.to(torch.float32, copy=True).div_(scale)  # copy: an fp32 x must not be changed in place
+    if kind.dtype == torch.int8:
+        v.round_()  # to nearest, ties to even; fp8's .to() rounds the same way
+    return v.clamp_(-kind.qmax, kind.qmax).to(kind.dtype), scale
 
 
 def quantize_weight(weight: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,13 +89,13 @@ def _int8_mm(xq, sx, wq, sw):
     if m < INT_MM_MIN_ROWS:
         xq = F.pad(xq, (0, 0, 0, INT_MM_MIN_ROWS - m))
     acc = torch._int_mm(xq, wq.t())[:m]  # int32, exact
-    return (acc.float() * sx * sw).to(torch.bfloat16)
+    return acc.float().mul_(sx).mul_(sw).to(torch.bfloat16)
 
 
 def _dequantized_mm(xq, sx, wq, sw):
     # fp8 e4m3 values and integers up to 127 are exact in bf16: the products are the kernels' products.
     acc = F.linear(xq.to(torch.bfloat16), wq.to(torch.bfloat16))
-    return (acc.float() * sx * sw).to(torch.bfloat16)
+    return acc.float().mul_(sx).mul_(sw).to(torch.bfloat16)
 
 
 # --- which way, on which device -------------------------------------------------------------------
@@ -307,6 +306,22 @@ def prepare(model: nn.Module, device) -> dict[str, int]:
             path = m.decide(device)
             counts[path] = counts.get(path, 0) + 1
     return counts
+
+
+def native_scheme(device) -> tuple[str, str]:
+    """The 8-bit-matmul scheme `device` runs natively, for `--transformer auto`: (scheme, why).
+
+    fp8mm where fp8 tensor cores exist (8.9+), else int8mm (8.0+), else nf4 (no 8-bit matmul: the
+    smallest weights). Memory is the planner's business; this only says what the card can compute.
+
+    Args:
+        device: the CUDA device to judge ("cpu" gives nf4).
+    """
+    for kind in ("fp8", "int8"):
+        path, reason = route(kind, device)
+        if path == "kernel":
+            return KINDS[kind].scheme, f"{KINDS[kind].kernel} runs on this card"
+    return "nf4", f"no 8-bit matmul runs here ({reason}); nf4 has the smallest weights"
 
 
 def check_folder(manifest: dict, device) -> list[str]:
