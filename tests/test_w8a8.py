@@ -259,6 +259,15 @@ def test_kernel_that_fails_its_probe_falls_back_instead_of_erroring(monkeypatch,
     assert path == "dequantize" and "cannot run torch._int_mm on NVIDIA Test Card" in reason
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_probe_accepts_a_working_kernel_and_rejects_a_wrong_one(kind, monkeypatch):
+    cpu = torch.device("cpu")  # torch's CPU _scaled_mm / _int_mm stand in for the CUDA kernels
+    assert w8a8._probe(kind, cpu) is None
+    kernel = "_fp8_mm" if kind == "fp8" else "_int8_mm"
+    monkeypatch.setattr(w8a8, kernel, lambda xq, sx, wq, sw, *bias: torch.zeros(xq.shape[0], wq.shape[0]))
+    assert w8a8._probe(kind, cpu) == "it returned wrong results for 1 rows"
+
+
 def test_layers_the_kernel_cannot_take_dequantize(fresh_routes, capsys):
     m = Linear8.from_linear(nn.Linear(40, 24).to(torch.bfloat16), "fp8")
     w8a8._ROUTES[("fp8", "cpu")] = ("kernel", None)  # as if this device had the kernel

@@ -130,18 +130,25 @@ def _instead(kind: Kind, capability: tuple[int, int]) -> str:
 
 
 def _probe(name: str, device: torch.device) -> str | None:
-    """Run the kernel once on small operands (1 and 33 rows); None if it works and agrees with dequantizing."""
+    """Run the kernel once as forward does (1 and 33 rows; fp8 with a fused bias too); None if it works
+    and agrees with dequantizing."""
     kind = KINDS[name]
     try:
         g = torch.Generator(device=device).manual_seed(0)
         wq, sw = quantize_weight(torch.randn(48, 32, device=device, generator=g), name)
-        for rows in (1, 33):
+        bias = torch.randn(48, device=device, generator=g).to(torch.bfloat16)
+        for rows, with_bias in ((1, False), (33, False), (33, True)):
             xq, sx = quantize_rows(torch.randn(rows, 32, device=device, generator=g), kind)
-            fast = _fp8_mm(xq, sx, wq, sw, None) if kind.dtype != torch.int8 else _int8_mm(xq, sx, wq, sw)
-            ref = _dequantized_mm(xq, sx, wq, sw).float()
+            b = bias if with_bias else None
+            if kind.dtype != torch.int8:
+                fast = _fp8_mm(xq, sx, wq, sw, b)
+            else:
+                fast = _int8_mm(xq, sx, wq, sw) + (0 if b is None else b)
+            ref = _dequantized_mm(xq, sx, wq, sw).float() + (0 if b is None else b.float())
             if not ((fast.float() - ref).norm() <= 0.02 * ref.norm()):
                 return f"it returned wrong results for {rows} rows"
-        torch.cuda.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     except Exception as e:  # noqa: BLE001  any failure of the kernel means: do not use it
         first = (str(e).strip().splitlines() or [""])[0][:160]
         return f"{type(e).__name__}: {first}"
