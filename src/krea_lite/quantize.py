@@ -50,6 +50,9 @@ KEEP_REASON = {
     "transformer": "embedders and final layers touch every token/conditioning and are tiny",
     "text_encoder_2": "plain transformers keeps T5 `wo` unquantized for bitsandbytes (_keep_in_fp32_modules)",
 }
+# The 8-bit-activation schemes keep T5's `wo` too, for their own reasons.
+W8A8_T5_KEEP_REASON = ("T5 casts `wo`'s input to `wo`'s weight dtype (fp8 would destroy it), and that input "
+                       "carries T5's largest activation outliers (per-token 8-bit would clip them)")
 QUANTIZED = {"transformer": "diffusion_pytorch_model", "text_encoder_2": "model"}
 COPIED = ("text_encoder", "vae", "tokenizer", "tokenizer_2", "scheduler")
 
@@ -101,10 +104,16 @@ def keep_patterns(component: str, scheme_name: str, override: tuple[str, ...] | 
         return ()
     if override is not None:
         return override
-    bnb = get_scheme(scheme_name).backend == "bitsandbytes"
+    backend = get_scheme(scheme_name).backend
     if component == "transformer":
-        return TRANSFORMER_KEEP_BNB if bnb else TRANSFORMER_KEEP
-    return T5_KEEP_BNB if bnb else ()
+        return TRANSFORMER_KEEP_BNB if backend == "bitsandbytes" else TRANSFORMER_KEEP
+    return T5_KEEP_BNB if backend in ("bitsandbytes", "krea-lite") else ()
+
+
+def _keep_reason(component: str, scheme, kept: list[str]) -> str | None:
+    if not kept:
+        return None
+    return W8A8_T5_KEEP_REASON if component != "transformer" and scheme.backend == "krea-lite" else KEEP_REASON[component]
 
 
 def split_linears(model: nn.Module, patterns: tuple[str, ...]) -> tuple[list[str], list[str], set[str]]:
@@ -167,8 +176,9 @@ def _convert(src, component: str, scheme, patterns, out: Path, device: str, bar)
         "quantized_modules": quantized,
         "kept_modules": kept,
         "keep_patterns": list(patterns),
-        "keep_reason": KEEP_REASON[component] if kept else None,
+        "keep_reason": _keep_reason(component, scheme, kept),
         "unused_patterns": sorted(unused),
+        **({"requires": scheme.requires()} if quantized and scheme.requires() else {}),
         "source_bytes": sum(p.stat().st_size for p in src.files(component)),
         "bytes": sum(p.stat().st_size for p in out.iterdir()),
     }

@@ -60,7 +60,7 @@ class Scheme:
     """One way of storing a Linear's weight; subclasses implement the three verbs."""
 
     name: str
-    backend: str  # "none" | "bitsandbytes" | "optimum-quanto"
+    backend: str  # "none" | "bitsandbytes" | "optimum-quanto" | "krea-lite" (w8a8.py, over torch's own ops)
     bits: float  # nominal bits per quantized weight, for size estimates
     description: str
 
@@ -78,6 +78,10 @@ class Scheme:
 
     def library_config(self, skip_modules: list[str], component: str) -> dict | None:
         """The `quantization_config` entry of config.json that plain diffusers/transformers read."""
+        return None
+
+    def requires(self) -> dict | None:
+        """The hardware the scheme's fast path needs, for the manifest (None: runs anywhere at full speed)."""
         return None
 
 
@@ -203,6 +207,33 @@ class Quanto(Scheme):
         module.load_state_dict(stored, assign=True, strict=True)
 
 
+@dataclass(frozen=True)
+class W8A8(Scheme):
+    """8-bit weights x 8-bit per-token activations through torch's own matmuls (see w8a8.py)."""
+
+    kind: str = "fp8"  # a key of w8a8.KINDS
+
+    def quantize(self, weight):
+        from .w8a8 import quantize_weight
+
+        q, scale = quantize_weight(weight, self.kind)
+        return {"weight": q.cpu(), "weight_scale": scale.cpu()}
+
+    def make_module(self, linear):
+        from .w8a8 import Linear8
+
+        return Linear8(linear.in_features, linear.out_features, linear.bias is not None, self.kind, device="meta")
+
+    def load(self, module, stored):
+        module.load(stored)
+
+    def requires(self):
+        from .w8a8 import KINDS
+
+        k = KINDS[self.kind]
+        return {"cuda_capability": k.needs, "kernel": k.kernel, "fallback": "dequantize"}
+
+
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
@@ -213,6 +244,11 @@ SCHEMES: dict[str, Scheme] = {
         Quanto("qfloat8", "optimum-quanto", 8, "optimum-quanto float8 e4m3 weights, per-row scale", qtype="qfloat8"),
         Quanto("qint4", "optimum-quanto", 4.25, "optimum-quanto int4 weights, groups of 128 with scale+shift",
                qtype="qint4"),
+        # Not bitsandbytes' `int8` (LLM.int8(), bf16 activations): these quantize the activations too.
+        W8A8("fp8mm", "krea-lite", 8, "float8 e4m3 weights (per-channel scale) x fp8 activations (per token, at run "
+             "time) via torch._scaled_mm; CUDA capability 8.9+, elsewhere dequantizes", kind="fp8"),
+        W8A8("int8mm", "krea-lite", 8, "int8 weights (per-channel scale) x int8 activations (per token, at run "
+             "time) via torch._int_mm; CUDA capability 8.0+, elsewhere dequantizes", kind="int8"),
     )
 }
 
