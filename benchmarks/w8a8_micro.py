@@ -95,7 +95,7 @@ def _peak_gib() -> float | None:
 
 
 def weights_gib(model: nn.Module) -> float:
-    from krea_lite.streaming import leaf_tensors, nbytes
+    from krea_lite.packing import leaf_tensors, nbytes
 
     return round(nbytes(leaf_tensors(model)) / 2**30, 2)
 

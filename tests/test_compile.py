@@ -259,3 +259,43 @@ def test_inductor_on_the_cpu_matches_eager_and_reuses_its_disk_cache(fresh):
     assert counts[0]["fxgraph_cache_miss"] >= 1 and counts[0]["graphs"] == 1
     assert counts[1]["fxgraph_cache_hit"] >= 1 and counts[1]["fxgraph_cache_miss"] == 0
     assert any(fresh.iterdir())
+
+
+def test_load_pipeline_compile_then_streaming_on_the_cpu(quantized, monkeypatch):
+    """load_pipeline(compile=True) compiles every block before placement; a placed, streamed pipeline then
+    gives the same transformer output as the uncompiled one (backend aot_eager: no C compiler needed)."""
+    import dataclasses
+    import types
+
+    import torch
+
+    import krea_lite.compile as compile_mod
+    from krea_lite.pipeline import load_pipeline
+    from krea_lite.placement import apply_plan
+    from krea_lite.plan import measure, plan_for_budget
+    from tests.test_streaming import flux_inputs, same_bits
+
+    real = compile_mod.compile_transformer
+    monkeypatch.setattr(compile_mod, "compile_transformer",
+                        lambda tr, **kw: real(tr, **{**kw, "backend": "eager"}))
+    ref = load_pipeline(quantized("bf16"), device="cpu", verify="none")
+    pipe = load_pipeline(quantized("bf16"), device="cpu", verify="none", compile=True)
+    assert all("forward" in vars(b) for b in pipe.transformer.single_transformer_blocks)
+    base = plan_for_budget(measure(types.SimpleNamespace(transformer=pipe.transformer)), None)
+    n = len(pipe.transformer.single_transformer_blocks)
+    plan = dataclasses.replace(base, streamed_single=tuple(range(1, n)), prefetch=1)
+    cfg = pipe.transformer.config
+    inputs = flux_inputs()
+    inputs = {**inputs, "hidden_states": torch.randn(1, 16, cfg.in_channels, dtype=torch.bfloat16),
+              "encoder_hidden_states": torch.randn(1, 8, cfg.joint_attention_dim, dtype=torch.bfloat16),
+              "pooled_projections": torch.randn(1, cfg.pooled_projection_dim, dtype=torch.bfloat16)}
+    if not cfg.guidance_embeds:
+        inputs.pop("guidance")
+    with torch.no_grad():
+        want = ref.transformer(**inputs)[0]
+    placement = apply_plan(types.SimpleNamespace(transformer=pipe.transformer), plan, "cpu")
+    try:
+        with torch.no_grad():
+            assert same_bits(pipe.transformer(**inputs)[0], want)
+    finally:
+        placement.close()

@@ -291,7 +291,7 @@ def _w8a8_flux(kind: str):
 
 
 def test_leaf_tensors_are_the_plain_buffers():
-    from krea_lite.streaming import leaf_tensors
+    from krea_lite.packing import leaf_tensors
 
     m = Linear8.from_linear(_linear(), "int8")
     assert [id(t) for t in leaf_tensors(m)] == [id(m.bias), id(m.weight), id(m.weight_scale)]
@@ -300,7 +300,7 @@ def test_leaf_tensors_are_the_plain_buffers():
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_streamed_equals_resident_bit_for_bit(kind, fresh_routes):
-    from krea_lite.streaming import apply_plan
+    from krea_lite.placement import apply_plan
 
     from .test_streaming import flux_inputs, same_bits, streamed_plan
 

@@ -116,7 +116,7 @@ def cmd_generate(args) -> int:
     from .pipeline import load_pipeline
 
     pipe = load_pipeline(args.model, device=args.device, vram_gb=args.vram_gb, width=args.width,
-                         height=args.height, verify="full" if args.verify else "quick")
+                         height=args.height, verify="full" if args.verify else "quick", compile=args.compile)
     for lora in use_loras(pipe, loras):  # LoRA (#12)
         print(lora.summary())
     info = pipe.krea_lite
@@ -411,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "this process to it (default: what the card has free)")
     g.add_argument("--verify", action="store_true", help="check every file's sha256 before loading, and say so")
     g.add_argument("--verbose", action="store_true", help="print the device, load times and the placement plan")
+    g.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (first step "
+                   "compiles; cached under ~/.cache/krea-lite/compile; not yet measured on a GPU)")
     g.add_argument("--lora", action="append", metavar="FILE[:SCALE]",  # LoRA (#12)
                    help="a LoRA .safetensors file, its scale after the last ':' (default 1.0); repeat to stack LoRAs")
     g.add_argument("--quiet", action="store_true", help="no progress bars")

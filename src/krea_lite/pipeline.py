@@ -95,7 +95,8 @@ def _resolve_device(device: str | None) -> str:
 
 
 def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | None = None,
-                  width: int = 1024, height: int = 1024, batch: int = 1, verify: str = "quick"):
+                  width: int = 1024, height: int = 1024, batch: int = 1, verify: str = "quick",
+                  compile: bool = False):
     """Load a krea-lite folder as a `diffusers.FluxPipeline` placed for a VRAM budget.
 
     Args:
@@ -106,6 +107,8 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
             `krea-lite generate --vram-gb` does; default: plan for what the card has free, hold nothing.
         width, height, batch: the largest images you will generate (activations are planned for them).
         verify: "quick" (files present, sizes, headers), "full" (also every sha256) or "none".
+        compile: regional torch.compile of the transformer's repeated blocks, streamed ones included
+            (`compile.compile_transformer`: persistent cache, one line and uncompiled when it cannot run).
 
     Returns:
         A FluxPipeline; `pipe.krea_lite` holds the manifest, the plan and the placement
@@ -154,6 +157,10 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
     from .lora import guard_fuse
 
     guard_fuse(pipe)  # fuse_lora on a quantized transformer refuses in one line (it would requantize)
+    if compile:  # before placing: the streaming hooks then wrap the compiled forwards, outside the graphs
+        from .compile import compile_transformer
+
+        compile_transformer(pipe.transformer, device=device)
     if device != "cpu":
         from .plan import measure, plan_for_budget
 
