@@ -617,7 +617,7 @@ def test_lora_on_a_placed_pipeline_equals_lora_on_the_unplaced_one(scheme, quant
         pipe.unload_lora_weights()
         assert (image(pipe) == base_image).all() and set(pipe.transformer.state_dict()) == keys
     finally:
-        placement.remove()
+        placement.close()
 
 
 @pytest.mark.gpu
@@ -657,7 +657,7 @@ def test_lora_loaded_before_placement_gives_the_same_image_placed(scheme, quanti
         assert torch.equal(out(pipe, inputs), ref_out)
         assert (image(pipe) == ref_image).all()
     finally:
-        placement.remove()
+        placement.close()
     assert (image(pipe) == ref_image).all()
 
 

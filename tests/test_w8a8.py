@@ -314,7 +314,7 @@ def test_streamed_equals_resident_bit_for_bit(kind, fresh_routes):
             for _ in range(2):
                 assert same_bits(model(**flux_inputs())[0], ref)
     finally:
-        placement.remove()
+        placement.close()
 
 
 # --- GPU tier ------------------------------------------------------------------------------------------

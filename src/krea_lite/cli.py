@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", **fmt, help="check a quantized folder against its manifest")
     v.add_argument("folder", help="folder written by `krea-lite quantize`")
     v.add_argument("--quick", action="store_true", help="sizes and headers only, no sha256")
-    v.add_argument("--json", action="store_true", help="print the result as JSON (ok, files, error)")
+    v.add_argument("--json", action="store_true", help="print the result as JSON (ok, checked, and files or problems)")
     v.set_defaults(func=cmd_verify)
 
     i = sub.add_parser("info", **fmt, help="what a quantized folder holds and which cards it fits (loads it on the CPU)")

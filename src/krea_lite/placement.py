@@ -183,8 +183,6 @@ class Placement:
             self._close()
         self.closed = True
 
-    remove = close  # the name used before there was close()
-
     def _close(self) -> None:
         for h in self._hooks:
             h.remove()

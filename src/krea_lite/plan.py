@@ -226,7 +226,7 @@ class Plan:
                              f"streamed, {self.prefetch} slots ({gib(slots).strip()} GiB)",
                              sum(sizes[i] for i in streamed)))
         if s.text_encoder_2:
-            where = (f"gpu while encoding, blocks 1-{len(s.t5_blocks) - 1} streamed, {T5_SLOTS} slots"
+            where = (f"gpu while encoding, blocks {span(list(range(1, len(s.t5_blocks))))} streamed, {T5_SLOTS} slots"
                      if self.t5_streamed else "gpu")
             rows.append(("text_encoder_2 (T5)", where, s.text_encoder_2))
         if s.text_encoder:
@@ -240,7 +240,9 @@ class Plan:
         lines = [f"plan for {self.width}x{self.height}, batch {self.batch}, budget {budget}"
                  + (f" (conservative {self.conservative})" if self.conservative else ""),
                  f"{'component':<{width}}{'where':<{wide}}{'GiB':>6}"]
-        lines += [f"{a:<{width}}{b:<{wide}}{gib(c)}" for a, b, c in rows]
+        small = s.transformer + s.text_encoder_2 + s.text_encoder + s.vae < GiB // 10  # a tiny test model
+        lines += [f"{a:<{width}}{b:<{wide}}{gib(c)}" + (f"  ({c / 2**20:.1f} MiB)" if small else "")
+                  for a, b, c in rows]
         lines.append(f"{'activations':<{width}}{'step / decode / encode':<{wide}}"
                      f"{gib(self.step_activation_bytes)} / {self.decode_activation_bytes / GiB:.2f}"
                      f" / {self.encode_activation_bytes / GiB:.2f}")

@@ -42,14 +42,21 @@ class _StreamHook(compat.model_hook_base()):
         super().__init__()
         self._streamer, self.pos = weakref.ref(streamer), pos
 
+    def _get(self) -> BlockStreamer:
+        streamer = self._streamer()
+        if streamer is None:
+            raise KreaLiteError("this block was streamed by a placement that was dropped without close(); keep the "
+                                "Placement (pipe.krea_lite.placement) alive, or close() it to get the block back")
+        return streamer
+
     @torch.compiler.disable  # runs eagerly: a regional compile of the block compiles only its forward
     def pre_forward(self, module, *args, **kwargs):
-        self._streamer().enter(self.pos)
+        self._get().enter(self.pos)
         return args, kwargs
 
     @torch.compiler.disable
     def post_forward(self, module, output):
-        self._streamer().leave(self.pos)
+        self._get().leave(self.pos)
         return output
 
 
