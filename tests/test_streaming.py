@@ -324,6 +324,33 @@ def test_lora_on_a_placed_model_equals_lora_on_the_unplaced_one(schemes):
         placement.close()
 
 
+def test_adapters_loaded_before_placement_are_counted_resident_and_never_streamed():
+    """A LoRA on some blocks only, loaded before placement: measure counts its factors apart from the blocks'
+    bytes, the streamed blocks (some with, some without it) share one layout of base weights, and the
+    output equals the unplaced model with the same LoRA."""
+    placed, plain = tiny_flux(schemes=("nf4", "bf16")), tiny_flux(schemes=("nf4", "bf16"))
+    before = measure(types.SimpleNamespace(transformer=placed))
+    sd = {k: v for k, v in _lora_state_dict(plain).items() if "single_transformer_blocks.1." not in k}
+    for m in (placed, plain):
+        m.load_lora_adapter(dict(sd), adapter_name="a", prefix=None)
+    pipe = types.SimpleNamespace(transformer=placed)
+    sizes = measure(pipe)
+    assert sizes.adapters == sum(nbytes([t]) for k, t in placed.named_parameters() if ".lora_" in k) > 0
+    assert (sizes.transformer_blocks, sizes.single_transformer_blocks, sizes.transformer_rest) == (
+        before.transformer_blocks, before.single_transformer_blocks, before.transformer_rest)
+    assert sizes.transformer == before.transformer + sizes.adapters
+    assert plan_for_budget(sizes, None).step_activation_bytes > plan_for_budget(before, None).step_activation_bytes
+    placement = apply_plan(pipe, streamed_plan(pipe, single=(0, 1, 2, 3, 4)), "cpu")
+    try:
+        streamer = placement.streamers["transformer.single_transformer_blocks"]
+        packed = {id(t) for ts in streamer.tensors for t in ts}
+        assert not any(id(t) in packed for k, t in placed.named_parameters() if ".lora_" in k)
+        with torch.no_grad():
+            assert same_bits(placed(**flux_inputs())[0], plain(**flux_inputs())[0])
+    finally:
+        placement.close()
+
+
 def test_out_of_order_call_reloads_and_stays_exact(flux):
     model, ref = flux
     pipe = types.SimpleNamespace(transformer=model)

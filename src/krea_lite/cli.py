@@ -111,15 +111,16 @@ def cmd_generate(args) -> int:
     if args.quiet:
         _no_loading_bars()
     # --- LoRA (#12): parse --lora and check the files before the model loads; applied after it ---
-    from .lora import lora_specs, use_loras
+    from .lora import active_loras, lora_specs
 
     loras = lora_specs(args.lora)
     # --- end LoRA ---
     from .pipeline import load_pipeline
 
     pipe = load_pipeline(args.model, device=args.device, vram_gb=args.vram_gb, width=args.width,
-                         height=args.height, verify="full" if args.verify else "quick", compile=args.compile)
-    for lora in use_loras(pipe, loras):  # LoRA (#12)
+                         height=args.height, verify="full" if args.verify else "quick", compile=args.compile,
+                         loras=loras)  # loaded before placement: the plan counts them
+    for lora in active_loras(pipe):  # LoRA (#12)
         print(lora.summary())
     info = pipe.krea_lite
     if args.verify:

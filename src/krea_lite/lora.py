@@ -640,7 +640,15 @@ def use_loras(pipe, loras: Sequence[LoraSpec | str | Path | tuple], keep_loaded:
         for n in unused:
             reg.pop(n, None)
     _set_active(pipe, [(r.adapter, r.scale) for r in out])
+    _fit(pipe)
     return out
+
+
+def _fit(pipe) -> None:
+    """A placed pipeline plans again for the adapters' bytes (resident beside the streamed blocks)."""
+    from .pipeline import fit_adapters
+
+    fit_adapters(pipe)
 
 
 def _load_one(pipe, match: LoraMatch, name: str) -> None:
@@ -682,6 +690,7 @@ def load_lora(pipe, path: str | Path | LoraSpec, scale: float = 1.0, adapter_nam
     rec = replace(existing, path=spec.path, scale=spec.scale)
     reg[rec.adapter] = rec
     _set_active(pipe, [p for p in previous if p[0] != rec.adapter] + [(rec.adapter, rec.scale)])
+    _fit(pipe)
     return rec
 
 
@@ -690,6 +699,7 @@ def unload_loras(pipe) -> None:
     if _adapters(pipe):
         pipe.unload_lora_weights()
     _registry(pipe).clear()
+    _fit(pipe)
 
 
 def lora_metadata(pipe) -> dict[str, str]:

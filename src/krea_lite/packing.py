@@ -20,8 +20,17 @@ ALIGN = 256  # bytes: each tensor starts 256-aligned in a packed buffer. cuBLASL
 # alignment up to 256 B (torch's _getAlignment), as the caching allocator's 512-aligned blocks give: same kernels.
 
 
-def each_leaf(module: nn.Module):
-    """Yield (module name, tensor) for every plain tensor a forward of `module` reads (may repeat)."""
+ADAPTER_PREFIX = "lora_"  # peft's adapter containers: lora_A, lora_B, lora_embedding_A/B, lora_magnitude_vector
+
+
+def is_adapter(name: str) -> bool:
+    """Whether the module at dotted path `name` belongs to a peft LoRA adapter (its factors, not its base)."""
+    return any(part.startswith(ADAPTER_PREFIX) for part in name.split("."))
+
+
+def each_leaf(module: nn.Module, adapters: bool = True):
+    """Yield (module name, tensor) for every plain tensor a forward of `module` reads (may repeat);
+    `adapters=False` leaves out the tensors of peft LoRA adapters (see `is_adapter`)."""
 
     def flat(t):
         if t is None:
@@ -39,6 +48,8 @@ def each_leaf(module: nn.Module):
             qs = getattr(qs, "state2", None)
 
     for name, m in module.named_modules():
+        if not adapters and is_adapter(name):
+            continue
         for t in [*m._parameters.values(), *m._buffers.values()]:
             yield from ((name, x) for x in flat(t))
             yield from ((name, x) for x in quant_state(getattr(t, "quant_state", None)))
@@ -50,7 +61,7 @@ def each_leaf(module: nn.Module):
             yield from ((name, x) for x in (*flat(state.CB), *flat(state.SCB)))
 
 
-def leaf_tensors(module: nn.Module) -> list[torch.Tensor]:
+def leaf_tensors(module: nn.Module, adapters: bool = True) -> list[torch.Tensor]:
     """Every plain tensor a forward of `module` reads, each once, in a fixed order.
 
     Parameters and buffers; bitsandbytes 4-bit quant states (absmax, code, offset, nested state2);
@@ -59,9 +70,10 @@ def leaf_tensors(module: nn.Module) -> list[torch.Tensor]:
 
     Args:
         module: any nn.Module.
+        adapters: include peft LoRA adapters' factors (False: the base weights only, what streams).
     """
     seen, out = set(), []
-    for _, t in each_leaf(module):
+    for _, t in each_leaf(module, adapters):
         if id(t) not in seen:
             seen.add(id(t))
             out.append(t)
@@ -147,9 +159,10 @@ def bind(tensors: list[torch.Tensor], layout: Layout, buf: torch.Tensor) -> None
         t.data = view_of(buf, e)
 
 
-def pack(module: nn.Module, buf: torch.Tensor) -> Layout:
-    """Copy the module's tensors into `buf` (same device) and re-point them there; their old storage is freed."""
-    tensors = leaf_tensors(module)
+def pack(module: nn.Module, buf: torch.Tensor, adapters: bool = True) -> Layout:
+    """Copy the module's tensors (`adapters`: see `leaf_tensors`) into `buf` (same device) and re-point them
+    there; their old storage is freed."""
+    tensors = leaf_tensors(module, adapters)
     layout, copies = layout_of(tensors)
     if buf.numel() < layout.nbytes:
         raise KreaLiteError(f"internal: a {layout.nbytes}-byte module does not fit a {buf.numel()}-byte buffer")

@@ -96,7 +96,7 @@ def _resolve_device(device: str | None) -> str:
 
 def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | None = None,
                   width: int = 1024, height: int = 1024, batch: int = 1, verify: str = "quick",
-                  compile: bool = False):
+                  compile: bool = False, loras=()):
     """Load a krea-lite folder as a `diffusers.FluxPipeline` placed for a VRAM budget.
 
     Args:
@@ -109,6 +109,8 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
         verify: "quick" (files present, sizes, headers), "full" (also every sha256) or "none".
         compile: regional torch.compile of the transformer's repeated blocks, streamed ones included
             (`compile.compile_transformer`: persistent cache, one line and uncompiled when it cannot run).
+        loras: LoRAs to apply (`lora.use_loras` specs: paths, (path, scale) or LoraSpec), loaded before the
+            placement is planned, so their factors are counted and kept resident beside streamed blocks.
 
     Returns:
         A FluxPipeline; `pipe.krea_lite` holds the manifest, the plan and the placement
@@ -157,6 +159,11 @@ def load_pipeline(path: str | Path, device: str | None = None, vram_gb: float | 
     from .lora import guard_fuse
 
     guard_fuse(pipe)  # fuse_lora on a quantized transformer refuses in one line (it would requantize)
+    if loras:
+        from .lora import use_loras
+
+        use_loras(pipe, loras)
+        lap("loras")
     if compile:  # before placing: the streaming hooks then wrap the compiled forwards, outside the graphs
         from .compile import compile_transformer
 
@@ -185,6 +192,39 @@ def place(pipe, plan) -> None:
     if info.placement is not None:
         info.placement.close()
     pipe.krea_lite = replace(info, plan=plan, placement=apply_plan(pipe, plan, info.device))
+
+
+PLACEMENT_FIELDS = ("streamed_double", "streamed_single", "prefetch", "t5_streamed", "clip_on_gpu", "vae_on_gpu",
+                    "vae_tiled")
+
+
+def fit_adapters(pipe) -> bool:
+    """After LoRAs were loaded or deleted on a placed pipeline: plan again with the adapters' bytes (they
+    stay resident, never streamed). The same placement is kept when it still fits (the adapters simply
+    stay on the GPU beside it); otherwise the pipeline is placed again. Returns whether it was re-placed.
+    `lora.use_loras`/`load_lora` call it; call it yourself after `pipe.load_lora_weights`."""
+    from dataclasses import replace
+
+    from .plan import adapter_nbytes, plan_for_budget
+
+    info = getattr(pipe, "krea_lite", None)
+    if info is None or info.plan is None or info.placement is None or info.placement.closed:
+        return False
+    plan = info.plan
+    now = adapter_nbytes(pipe.transformer)
+    if now == plan.sizes.adapters:
+        return False
+    fresh = plan_for_budget(replace(plan.sizes, adapters=now), plan.budget_bytes, width=plan.width,
+                            height=plan.height, batch=plan.batch, conservative=plan.conservative)
+    if all(getattr(fresh, f) == getattr(plan, f) for f in PLACEMENT_FIELDS):
+        info.placement.plan = fresh
+        pipe.krea_lite = replace(info, plan=fresh)
+        return False
+    print(f"krea-lite: LoRA adapters ({now / 2**20:.0f} MiB, resident) no longer fit the placement; placing "
+          f"the pipeline again ({len(fresh.streamed_double) + len(fresh.streamed_single)} blocks streamed)",
+          flush=True)
+    place(pipe, fresh)
+    return True
 
 
 def with_oom_fallback(pipe, call):

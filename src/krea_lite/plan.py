@@ -42,6 +42,10 @@ VAE_DECODE_BYTES_PER_PIXEL = 2.5 * GiB / (1024 * 1024)  # untiled bf16 decode, b
 VAE_TILE_PX = 512  # tiled decode: 512 px tiles (64 latents), 25% overlap (diffusers' default overlap)
 VAE_TILED_BYTES = int(0.65 * GiB)  # tiled decode per image with VAE_TILE_PX tiles, any image size (measured 0.64)
 ENCODE_ACTIVATION_BYTES = int(0.25 * GiB)  # T5-XXL at 512 tokens (+ CLIP), per prompt (measured 0.25)
+# LoRA adapters (peft's unmerged side branch, base(x) + B(A(x)) * scale) hold one more layer output at a
+# time: per token, at most the widest Linear output of the transformer (12288 bf16 values, 24 KiB). Counted
+# twice for the add's temporary. An estimate from the shapes (not yet a measured peak).
+LORA_STEP_BYTES_PER_TOKEN = 2 * 12288 * 2
 # A card of N GiB gives torch's allocator less than N: the CUDA context, cuBLAS workspaces and kernels live
 # outside it. On the H200 above, device memory used minus peak reserved was 0.68-0.76 GiB with NF4 and
 # 0.74-0.84 GiB with bitsandbytes int8 (a lower bound). `--vram-gb` names the card.
@@ -73,6 +77,7 @@ class Sizes:
     t5_rest: int  # shared embedding, final norm
     text_encoder: int  # CLIP-L
     vae: int
+    adapters: int = 0  # LoRA factors in the transformer's blocks: never streamed, resident beside them
     format_version: int = 1
 
     def __post_init__(self):
@@ -80,18 +85,27 @@ class Sizes:
             v = getattr(self, name)
             if not isinstance(v, tuple) or any(not isinstance(b, int) or b < 0 for b in v):
                 raise KreaLiteError(f"Sizes.{name} must be a tuple of byte counts, got {v!r}")
-        for name in ("transformer_rest", "t5_rest", "text_encoder", "vae"):
+        for name in ("transformer_rest", "t5_rest", "text_encoder", "vae", "adapters"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise KreaLiteError(f"Sizes.{name} must be a byte count, got {v!r}")
 
     @property
     def transformer(self) -> int:
-        return self.transformer_rest + sum(self.transformer_blocks) + sum(self.single_transformer_blocks)
+        return (self.transformer_rest + self.adapters + sum(self.transformer_blocks)
+                + sum(self.single_transformer_blocks))
 
     @property
     def text_encoder_2(self) -> int:
         return self.t5_rest + sum(self.t5_blocks)
+
+
+def adapter_nbytes(module) -> int:
+    """Bytes of the peft LoRA factors under `module` (`Sizes.adapters`), as `measure` counts them."""
+    from .packing import leaf_tensors, nbytes
+
+    base = {id(t) for t in leaf_tensors(module, adapters=False)}
+    return nbytes([t for t in leaf_tensors(module) if id(t) not in base])
 
 
 def measure(pipe) -> Sizes:
@@ -108,23 +122,23 @@ def measure(pipe) -> Sizes:
 
     def blocks_and_rest(module, lists):
         if module is None:
-            return [()] * len(lists), 0
+            return [()] * len(lists), 0, 0
         sizes, inside = [], set()
-        for get in lists:
+        for get in lists:  # what a block streams: its base weights, not the LoRA factors beside them
             blocks = get(module)
-            sizes.append(tuple(nbytes(leaf_tensors(b)) for b in blocks))
-            inside |= {id(t) for b in blocks for t in leaf_tensors(b)}
-        rest = nbytes([t for t in leaf_tensors(module) if id(t) not in inside])
-        return sizes, rest
+            sizes.append(tuple(nbytes(leaf_tensors(b, adapters=False)) for b in blocks))
+            inside |= {id(t) for b in blocks for t in leaf_tensors(b, adapters=False)}
+        rest = nbytes([t for t in leaf_tensors(module, adapters=False) if id(t) not in inside])
+        return sizes, rest, adapter_nbytes(module)
 
     tr, t5 = getattr(pipe, "transformer", None), getattr(pipe, "text_encoder_2", None)
-    (double, single), tr_rest = blocks_and_rest(
+    (double, single), tr_rest, adapters = blocks_and_rest(
         tr, [lambda m: m.transformer_blocks, lambda m: m.single_transformer_blocks])
-    (t5_blocks,), t5_rest = blocks_and_rest(t5, [lambda m: m.encoder.block])
+    (t5_blocks,), t5_rest, _ = blocks_and_rest(t5, [lambda m: m.encoder.block])
     whole = {n: getattr(pipe, n, None) for n in ("text_encoder", "vae")}
     return Sizes(
         transformer_blocks=double, single_transformer_blocks=single, t5_blocks=t5_blocks,
-        transformer_rest=tr_rest, t5_rest=t5_rest,
+        transformer_rest=tr_rest, t5_rest=t5_rest, adapters=adapters,
         **{n: 0 if m is None else nbytes(leaf_tensors(m)) for n, m in whole.items()},
     )
 
@@ -214,6 +228,8 @@ class Plan:
             return ",".join(runs)
 
         rows = [("transformer (embedders, norm_out)", "gpu", s.transformer_rest)] if s.transformer else []
+        if s.adapters:
+            rows.append(("LoRA adapters (never streamed)", "gpu", s.adapters))
         for name, sizes, streamed in (("transformer_blocks", s.transformer_blocks, self.streamed_double),
                                       ("single_transformer_blocks", s.single_transformer_blocks,
                                        self.streamed_single)):
@@ -282,7 +298,7 @@ def _phases(s: Sizes, c: _Choice, step_act: int, decode_act: int, encode_act: in
         resident, streamed = sizes[:len(sizes) - n], sizes[len(sizes) - n:]
         return sum(resident) + (c.prefetch * max(streamed) if streamed else 0)
 
-    transformer = (s.transformer_rest + transformer_part(s.transformer_blocks, c.n_double)
+    transformer = (s.transformer_rest + s.adapters + transformer_part(s.transformer_blocks, c.n_double)
                    + transformer_part(s.single_transformer_blocks, c.n_single))
     t5_on_demand = (s.t5_rest + s.t5_blocks[0] + T5_SLOTS * max(s.t5_blocks[1:])) if c.t5_streamed else 0
     always = (transformer + (0 if c.t5_streamed else s.text_encoder_2)
@@ -380,7 +396,8 @@ def plan_for_budget(sizes: Sizes, budget_bytes: int | None, width: int = 1024, h
     budget = _free_cuda_bytes() if budget_bytes is None else budget_bytes
 
     tokens = batch * ((height // 16) * (width // 16) + TEXT_TOKENS)
-    step_act = STEP_ACTIVATION_FIXED_BYTES + STEP_ACTIVATION_BYTES_PER_TOKEN * tokens
+    step_act = (STEP_ACTIVATION_FIXED_BYTES + STEP_ACTIVATION_BYTES_PER_TOKEN * tokens
+                + (LORA_STEP_BYTES_PER_TOKEN * tokens if sizes.adapters else 0))
     untiled = int(VAE_DECODE_BYTES_PER_PIXEL * width * height * batch)
     tiled = min(untiled, VAE_TILED_BYTES * batch)
     encode_act = ENCODE_ACTIVATION_BYTES * batch

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import compat
 from .errors import KreaLiteError
-from .packing import Layout, bind, layout_of, leaf_tensors, pack, round_up, view_of
+from .packing import Layout, bind, is_adapter, layout_of, leaf_tensors, pack, round_up, view_of
 
 HOOK_NAME = "krea_lite_streaming"
 
@@ -109,14 +109,17 @@ class BlockStreamer:
         _require_on(block, self.device, f"{self.name}[{i}]")
         if not self.cuda:
             compat.keep_cpu_layout(block)
-        tensors = leaf_tensors(block)
+        tensors = leaf_tensors(block, adapters=False)  # LoRA factors stay resident (adopt_new_tensors)
         if self.host is not None:
             lo, hi = self.host.data_ptr(), self.host.data_ptr() + self.host.numel()
             if any(t.numel() and lo <= t.data_ptr() < hi for t in tensors):
                 raise KreaLiteError(f"{self.name}[{i}] shares a tensor with another streamed block; streaming "
                                     "needs every block to own its tensors")
         layout, _ = layout_of(tensors)
-        signature = (tuple(type(m).__qualname__ for m in block.modules()), layout)
+        # the base layers' classes (a peft wrapper counts as the layer it wraps): a LoRA on some blocks only
+        # leaves their streamed bytes alike
+        signature = (tuple(type(getattr(m, "base_layer", m)).__qualname__ for n, m in block.named_modules()
+                           if not is_adapter(n) and n.rpartition(".")[2] != "base_layer"), layout)
         if self.layout is None:
             self.layout, self._signature, self.stride = layout, signature, round_up(layout.nbytes)
             self.host, self._unpin = compat.pinned_empty(self.n * self.stride, pin=self.cuda)
@@ -126,12 +129,12 @@ class BlockStreamer:
         home = self._home_of(pos)
         if self.cuda:
             buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
-            pack(block, buf)  # the block in one device buffer, then once and for all in pinned host memory
+            pack(block, buf, adapters=False)  # the block in one device buffer, then once and for all in pinned host memory
             home.copy_(buf)
             bind(tensors, layout, home)
             del buf
         else:
-            pack(block, home)
+            pack(block, home, adapters=False)
         self.tensors.append(tensors)
         self.home.append([view_of(home, e) for e in layout.entries])
         self.home_ptrs.append([v.data_ptr() for v in self.home[-1]])
