@@ -279,6 +279,35 @@ def test_ratio_cell_interleaves_placements_in_one_process(quantized, tmp_path):
     assert r["8"]["equals_resident"] and r["4"]["equals_resident"]
 
 
+def test_ratio_cell_with_loras_measures_each_card_with_and_without_them(quantized, tmp_path):
+    from krea_lite.bench.cells import _cell_ratio
+
+    cell = dict(id="ratio bf16 lora", kind="ratio", name="bf16", model=str(quantized("bf16")), device="cpu",
+                budgets=[8], rounds=3, width=64, height=64, batch=1, steps=1, warmup=1, text_tokens=8,
+                image_tokens=16, loras=3, lora_rank=4, lora_dir=str(tmp_path / "loras"), key="r")
+    result = {"metrics": {}}
+    _cell_ratio(cell, result, lambda: None)
+    m = result["metrics"]
+    assert sorted(m["runs"]) == sorted(["None", "None+lora1", "None+lora3", "8", "8+lora1", "8+lora3"])
+    assert len(list((tmp_path / "loras").glob("*.safetensors"))) == 3 and len(m["loras"]) == 3
+    for v in ("lora+lora1", "lora+lora3"):
+        assert m["ratios"][v]["None"]["rounds"] == 3 and m["ratios"][v]["8"]["ratio_median"] > 0
+    assert all(r["equals_resident"] for r in m["runs"]["8+lora3"][1:])  # streamed == resident with LoRAs too
+
+
+def test_ratio_summary_physical_limit_says_copy_or_compute_bound():
+    from krea_lite.bench.cells import ratio_summary
+
+    gib = 2**30
+    runs = {"None": [{"round": 0, "s_per_step": 0.1}],
+            "8": [{"round": 0, "s_per_step": 0.12, "copied_gib_per_step": 1.0}],
+            "4": [{"round": 0, "s_per_step": 0.3, "copied_gib_per_step": 5.0}]}
+    out = ratio_summary(runs, [8, 4], h2d_gbps=5 * gib / 0.25 / 1e9)  # 5 GiB in 0.25 s
+    assert out["8"]["bound"] == "compute" and out["8"]["physical_limit_s"] == 0.1
+    assert out["4"]["bound"] == "copy" and abs(out["4"]["physical_limit_s"] - 0.25) < 1e-4
+    assert abs(out["4"]["vs_physical_limit"] - 1.2) < 1e-3
+
+
 def test_e2e_steps_zero_and_negative(tmp_path):
     from krea_lite.bench.cells import _e2e
 

@@ -318,16 +318,26 @@ def _cell_env(cell: dict, result: dict, save) -> None:
         m["driver"] = q.stdout.strip().splitlines()[0] if q.returncode == 0 and q.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         m["driver"] = None
-    n = 512 << 20  # 512 MiB, five copies after one warm-up
+    m["h2d_gbps"] = _h2d_gbps()
+
+
+def _h2d_gbps(device="cuda") -> float:
+    """Pinned host -> device copy bandwidth, GB/s: 512 MiB, five copies after one warm-up."""
+    import torch
+
+    n = 512 << 20
     src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty(n, dtype=torch.uint8, device=device)
     dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(5):
         dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    m["h2d_gbps"] = round(5 * n / (time.perf_counter() - t0) / 1e9, 2)
+    torch.cuda.synchronize(device)
+    gbps = round(5 * n / (time.perf_counter() - t0) / 1e9, 2)
+    del src, dst
+    torch.cuda.empty_cache()
+    return gbps
 
 
 def _cell_prepare(cell: dict, result: dict, save) -> None:
@@ -485,18 +495,33 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
     dev = _device(cell)
     result["phase"] = "load"
     save()
+    loras = _bench_loras(cell)
     pipe = load_pipeline(cell["model"], device=str(dev), width=cell["width"], height=cell["height"],
-                         batch=cell["batch"])
+                         batch=cell["batch"], compile=bool(cell.get("compile")), loras=loras)
     _loaded()
+    if dev.type == "cuda":
+        m["h2d_gbps"] = _h2d_gbps(dev)
+    adapters = [r.adapter for r in _active_loras(pipe)]
+    m["loras"] = [{"file": Path(p).name, "rank": cell.get("lora_rank")} for p in loras]
     sizes = measure(pipe)
     kw = _step_inputs(pipe.transformer, cell, dev)
-    configs = [None, *cell["budgets"]]
-    runs = {str(c): [] for c in configs}
+    # each card runs without LoRA and, when the cell has LoRAs, with the first one and with all of them
+    variants = [""] + ([f"+lora{n}" for n in sorted({1, len(adapters)})] if adapters else [])
+    configs = [(card, v) for card in [None, *cell["budgets"]] for v in variants]
+    runs = {f"{c}{v}": [] for c, v in configs}
+    counters0 = None
     result["phase"] = "rounds"
     save()
     first_out = {}
     for r in range(cell["rounds"]):
-        for card in (configs if r % 2 == 0 else configs[::-1]):
+        for card, variant in (configs if r % 2 == 0 else configs[::-1]):
+            if adapters:
+                if variant:
+                    pipe.enable_lora()
+                    n = int(variant.removeprefix("+lora"))
+                    pipe.set_adapters(adapters[:n], [1.0] * n)
+                else:
+                    pipe.disable_lora()  # loaded, switched off: peft's layers pass the base output through
             if dev.type == "cuda":
                 torch.cuda.set_per_process_memory_fraction(1.0, dev.index or 0)
             budget = None if card is None else Budget(card)
@@ -513,6 +538,8 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
                 for i in range(cell["warmup"] + cell["steps"]):
                     if i == cell["warmup"]:
                         placement.stats(reset=True)
+                        if counters0 is None and r == cell["rounds"] - 1:  # everything ran at least once before
+                            counters0 = _compile_counters()
                         retries = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0) if dev.type == "cuda" else 0
                     _sync(dev)
                     t0, c0 = time.perf_counter(), time.process_time()
@@ -533,28 +560,80 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
                 run["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(dev) / GiB, 3)
                 if budget is not None:
                     run["under_cap"] = torch.cuda.max_memory_reserved(dev) <= budget.allocator_bytes
-            key = str(card)
+            key, resident_key = f"{card}{variant}", f"None{variant}"
             if key in first_out:
-                run["equals_resident"] = bool(torch.equal(out, first_out["None"])) if "None" in first_out else None
+                run["equals_resident"] = (bool(torch.equal(out, first_out[resident_key]))
+                                          if resident_key in first_out else None)
             else:
                 first_out[key] = out.clone()
-                if key != "None" and "None" in first_out:
-                    run["equals_resident"] = bool(torch.equal(out, first_out["None"]))
+                if key != resident_key and resident_key in first_out:
+                    run["equals_resident"] = bool(torch.equal(out, first_out[resident_key]))
             runs[key].append(run)
-            print(f"[ratio] round {r} card {card}: {run['s_per_step']:.4f} s/step, wait "
+            print(f"[ratio] round {r} card {card}{variant}: {run['s_per_step']:.4f} s/step, wait "
                   f"{run['copy_wait_ms_per_step']} ms, retries {run.get('alloc_retries')}", flush=True)
             save()
     if dev.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0, dev.index or 0)
+    if counters0 is not None:  # graphs traced during the last round: recompiles after every config warmed up
+        m["recompiles_last_round"] = _compile_counters()["graphs"] - counters0["graphs"]
+    if cell.get("compile"):
+        m["compile"] = {k: v for k, v in (pipe.krea_lite.seconds or {}).items() if "compile" in k}
     pipe.krea_lite.close()
     m["runs"] = runs
-    m["ratios"] = ratio_summary(runs, cell["budgets"])
+    m["ratios"] = ratio_summary(runs, cell["budgets"], m.get("h2d_gbps"))
+    for v in variants[1:]:  # LoRA overhead: the same card with and without the LoRAs, per round
+        m["ratios"][f"lora{v}"] = {str(c): _per_round(runs[f"{c}{v}"], runs[str(c)])
+                                   for c in [None, *cell["budgets"]]}
     save()
 
 
-def ratio_summary(runs: dict, budgets: list) -> dict:
+def _per_round(runs: list, base: list) -> dict:
+    import numpy as np
+
+    by_round = {r["round"]: r["s_per_step"] for r in base}
+    rs = [r["s_per_step"] / by_round[r["round"]] for r in runs if r["round"] in by_round]
+    return {"ratio_median": round(float(np.median(rs)), 4), "ratio_min": round(min(rs), 4),
+            "ratio_max": round(max(rs), 4), "rounds": len(rs)} if rs else {}
+
+
+def _active_loras(pipe):
+    from ..lora import active_loras
+
+    return active_loras(pipe)
+
+
+def _compile_counters() -> dict:
+    from ..compile import compile_counters
+
+    return compile_counters()
+
+
+def _bench_loras(cell: dict) -> list:
+    """The cell's synthetic LoRA files (rank `lora_rank` on every attention and MLP linear), written once."""
+    n = int(cell.get("loras") or 0)
+    if not n:
+        return []
+    from ..synthetic_lora import write_lora
+
+    config = json.loads((Path(cell["model"]) / "transformer" / "config.json").read_text())
+    size = "full" if config.get("num_layers") == 19 else "tiny"  # the synthetic sizes (synthetic.FULL / TINY)
+    folder = Path(cell.get("lora_dir") or "/tmp/krea-lite-bench-loras")
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for seed in range(n):
+        path = folder / f"lora-{size}-r{cell['lora_rank']}-s{seed}.safetensors"
+        if not path.exists():
+            write_lora(path, "diffusers", size=size, rank=cell["lora_rank"], seed=seed)
+        out.append(path)
+    return out
+
+
+
+
+def ratio_summary(runs: dict, budgets: list, h2d_gbps: float | None = None) -> dict:
     """Per card: the per-round ratios to the same round's resident step, median and min-max, the target and
-    whether the spread is wider than the margin to it."""
+    whether the spread is wider than the margin to it. With the host-to-device bandwidth: the physical
+    limit of the step, max(resident step, streamed bytes / bandwidth), and the step's efficiency against it."""
     import numpy as np
 
     resident = {r["round"]: r["s_per_step"] for r in runs["None"]}
@@ -574,6 +653,13 @@ def ratio_summary(runs: dict, budgets: list) -> dict:
                "alloc_retries": sum(r.get("alloc_retries", 0) for r in runs[str(card)])}
         if target is not None:
             row.update(target=target, met=med <= target, spread_wider_than_margin=(hi - lo) > (target - med))
+        if h2d_gbps:
+            copied = float(np.median([r.get("copied_gib_per_step", 0.0) for r in runs[str(card)]]))
+            copy_s = copied * GiB / (h2d_gbps * 1e9)
+            limit = max(out["resident_s_per_step"], copy_s)
+            row.update(copy_s_per_step=round(copy_s, 5), physical_limit_s=round(limit, 5),
+                       vs_physical_limit=round(row["s_per_step"] / limit, 4),
+                       bound="copy" if copy_s > out["resident_s_per_step"] else "compute")
         out[str(card)] = row
     return out
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 GiB = 2**30
-SCHEMES = ("bf16", "nf4", "int8", "qint8", "qfloat8", "qint4")
+SCHEMES = ("bf16", "nf4", "int8", "qint8", "qfloat8", "qint4", "fp8mm", "int8mm")
 ANCHORS = ("bf16_resident", "nf4_model_cpu_offload", "nf4_group_block_stream", "nf4_group_leaf_stream",
            "bf16_group_leaf_stream")
 
@@ -69,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                    help="also measure streamed/resident step ratios interleaved in one process: ROUNDS rounds "
                         "of resident and every capped --budgets card taking turns (3 or more; 0: off)")
+    m.add_argument("--compile", action="store_true", help="--interleave cells: load_pipeline(compile=True)")
+    m.add_argument("--loras", type=int, default=0, metavar="N",
+                   help="--interleave cells: N synthetic LoRAs loaded; every card also runs with the first and "
+                        "with all N active (ratios to the same card without LoRA)")
+    m.add_argument("--lora-rank", type=int, default=64, help="rank of the --loras LoRAs (default 64)")
     m.add_argument("--cell-timeout", type=float, help="seconds before a cell is killed")
     m.add_argument("--time-budget", type=float, help="seconds for the whole run; cells that no longer fit are "
                    "recorded as skipped (0: no limit)")
@@ -91,7 +96,9 @@ def _settings(args) -> dict:
     s["anchor_resolution"] = (s["anchor_resolution"] if isinstance(s["anchor_resolution"], tuple)
                               else _resolution(s["anchor_resolution"]))
     s.update(preset="quick" if args.quick else "full", prompt=args.prompt, seed=args.seed,
-             guidance=args.guidance, text_tokens=args.text_tokens, interleave=getattr(args, "interleave", 0) or 0)
+             guidance=args.guidance, text_tokens=args.text_tokens, interleave=getattr(args, "interleave", 0) or 0,
+             compile=bool(getattr(args, "compile", False)), loras=getattr(args, "loras", 0) or 0,
+             lora_rank=getattr(args, "lora_rank", 64))
     if s["interleave"] and s["interleave"] < 3:
         raise _error(f"--interleave {s['interleave']}: give at least 3 rounds (a spread needs them), or 0 for none")
     if s["e2e_steps"] is not None and s["e2e_steps"] < 0:
@@ -155,7 +162,9 @@ def plan_cells(s: dict, schemes: list[str], have_source: bool, have: dict[str, b
                for a in s["anchors"] if have.get(a.split("_")[0])
                for bg in ([None] if a == "bf16_resident" else s["anchor_budgets"])]
     capped = [b for b in s["budgets"] if b is not None]
-    ratios = [dict(common, id=f"ratio {sc} {_rid(*first)} x{s['interleave']}", kind="ratio", name=sc,
+    extra = (" compile" if s.get("compile") else "") + (f" lora{s['loras']}r{s['lora_rank']}" if s.get("loras") else "")
+    ratios = [dict(common, id=f"ratio {sc}{extra} {_rid(*first)} x{s['interleave']}", kind="ratio", name=sc,
+                   compile=s.get("compile", False), loras=s.get("loras", 0), lora_rank=s.get("lora_rank", 64),
                    budget_gib=None, budgets=capped, rounds=s["interleave"], width=first[0], height=first[1],
                    batch=first[2], image_tokens=(first[0] // 16) * (first[1] // 16))
               for sc in schemes] if s.get("interleave") and capped else []
