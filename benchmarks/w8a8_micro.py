@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+TORCHAO = "torchao-fp8"
 COMPILE_ESTIMATE_S = 200  # a cold compile of the two block classes on an H200 (measured 118-188 s)
 
 
@@ -53,9 +54,16 @@ def quantized_copy(model: nn.Module, scheme: str) -> nn.Module:
     from krea_lite.quantize import keep_patterns, split_linears
     from krea_lite.w8a8 import Linear8
 
-    kind = {"fp8mm": "fp8", "int8mm": "int8"}[scheme]
     q = copy.deepcopy(model)
-    names, _, _ = split_linears(q, keep_patterns("transformer", scheme, None))
+    names, _, _ = split_linears(q, keep_patterns("transformer", "fp8mm" if scheme == TORCHAO else scheme, None))
+    if scheme == TORCHAO:  # the compute anchor: torchao's fp8 x fp8 per-row, on the same Linears as fp8mm
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        wanted = set(names)
+        quantize_(q, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                  filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in wanted)
+        return q
+    kind = {"fp8mm": "fp8", "int8mm": "int8"}[scheme]
     for name in names:
         q.set_submodule(name, Linear8.from_linear(q.get_submodule(name), kind))
     if torch.cuda.is_available():
@@ -145,7 +153,7 @@ def run_config(name: str, model, x, compiled: bool, args, device: str, ref) -> t
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", required=True, help="where to write the results")
-    ap.add_argument("--compile", nargs="*", default=["fp8mm"], choices=["bf16", "fp8mm", "int8mm"],
+    ap.add_argument("--compile", nargs="*", default=["fp8mm"], choices=["bf16", "fp8mm", "int8mm", TORCHAO],
                     help="which models to also run compiled (default: fp8mm)")
     ap.add_argument("--cache-dir", default=None, help="compile cache (default ~/.cache/krea-lite/compile)")
     ap.add_argument("--width", type=int, default=1024)
@@ -173,7 +181,8 @@ def main() -> int:
     x = inputs(bf16.config, device, args.width, args.height)
     print(f"built the bf16 transformer in {time.perf_counter() - start:.0f} s")
     rows, ref = [], None
-    plan = [("bf16", False), ("bf16", True), ("fp8mm", False), ("fp8mm", True), ("int8mm", False), ("int8mm", True)]
+    plan = [("bf16", False), ("bf16", True), ("fp8mm", False), ("fp8mm", True), ("int8mm", False), ("int8mm", True),
+            (TORCHAO, True)]  # torchao only compiled, as its fp8 is meant to run
     models = {"bf16": bf16}
     with torch.no_grad():
         for scheme, compiled in plan:

@@ -8,11 +8,16 @@
 #   budget     the full-size budget tests (-m budget, KREA_FULL_DIR = the NF4 folder)
 #   ratio      interleaved streamed/resident ratios: `krea-lite bench --interleave`, NF4 1024², cards 8 6 4
 #   mutations  scripts/mutations.py: each wait/event/sync of the engine removed in turn must fail a GPU test
+#   micro      benchmarks/w8a8_micro.py: bf16 / fp8mm / int8mm eager and compiled, torchao fp8 compiled (resident)
+#   ratio8     interleaved ratios for fp8mm + --compile, cards 8 6 4 (SCHEMES must have made full-fp8mm)
+#   lora       interleaved LoRA overhead: fp8mm + compile and nf4 eager, resident and 8 GiB, 1 and 3 rank-64 LoRAs
+#   gen8       generate --compile --vram-gb 8 on fp8mm twice (the second process finds the compile cache warm),
+#              then NF4 at 8 GiB uncompiled, and fp8mm with a LoRA: 28 steps 1024², text encoding and decode included
 # Re-running skips what /tmp/krea already holds; the bench resumes /tmp/krea/bench/bench.json and stops
 # CALL_S seconds after this script started (default 585). Results are copied to $OUT.
 set -uo pipefail
 START=$(date +%s)
-OUT=${OUT:-/tmp/krea-out}; W=/tmp/krea; mkdir -p "$OUT" "$W/bench" "$W/ratio"
+OUT=${OUT:-/tmp/krea-out}; W=/tmp/krea; mkdir -p "$OUT" "$W/bench" "$W/ratio" "$W/ratio8"
 bash .whl/install.sh || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 stages=${*:-synth quantize tests generate bench}
@@ -33,6 +38,26 @@ for s in $stages; do
              --budgets none 8 6 4 --resolutions 1024x1024 --batches 1 --steps ${RSTEPS:-6} --warmup 1 --e2e-steps 0 \
              --interleave ${ROUNDS:-3} --anchors --cell-timeout 400 --out $W/ratio/ratio.json ${RATIO_ARGS:-} 2>&1 \
              | tee "$OUT/ratio.log" | grep -E "ratio|\|" | tail -30; cp $W/ratio/ratio.json "$OUT/" ;;
+    micro) timeout 400 python3 benchmarks/w8a8_micro.py --json "$OUT/w8a8-micro.json" --compile bf16 fp8mm int8mm \
+             torchao-fp8 --cache-dir $W/cc --budget-s 380 2>&1 | grep -v Warn | tail -12 ;;
+    ratio8) python3 -m krea_lite.bench --workdir $W/qb --models fp8mm=$W/q/full-fp8mm \
+             --schemes fp8mm --budgets none 8 6 4 --resolutions 1024x1024 --batches 1 --steps ${RSTEPS:-5} --warmup 2 \
+             --e2e-steps 0 --interleave ${ROUNDS:-3} --compile --anchors --cell-timeout 500 --out $W/ratio8/ratio.json 2>&1 \
+             | tee "$OUT/ratio8.log" | grep -E "ratio|\|" | tail -30; cp $W/ratio8/ratio.json "$OUT/ratio8.json" ;;
+    lora) for spec in "fp8mm --compile" "nf4"; do set -- $spec; python3 -m krea_lite.bench \
+             --workdir $W/qb --models $1=$W/q/full-$1 --schemes $1 --budgets none 8 --resolutions 1024x1024 --batches 1 \
+             --steps 4 --warmup 2 --e2e-steps 0 --interleave 3 ${2:-} --loras 3 --lora-rank 64 --anchors \
+             --cell-timeout 500 --out $W/lora-$1/ratio.json 2>&1 | tee "$OUT/lora-$1.log" | grep -E "ratio|\|" | tail -20
+             cp $W/lora-$1/ratio.json "$OUT/lora-$1.json"; done ;;
+    gen8) for run in 1 2; do python3 -m krea_lite.cli generate --model $W/q/full-fp8mm \
+             --vram-gb 8 --compile --verbose --quiet --steps 28 --seed 1 --out $W/png8 "a lighthouse on a cliff at dawn" \
+             2>&1 | tee "$OUT/gen8-fp8mm-$run.log" | tail -12; done
+          python3 -m krea_lite.cli generate --model $W/q/full-nf4 --vram-gb 8 --verbose --quiet --steps 28 --seed 1 \
+             --out $W/png8 "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/gen8-nf4.log" | tail -12
+          python3 -m krea_lite.cli generate --model $W/q/full-fp8mm --vram-gb 8 --compile \
+             --verbose --quiet --steps 28 --seed 1 --lora /tmp/krea-lite-bench-loras/lora-full-r64-s0.safetensors \
+             --out $W/png8 "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/gen8-fp8mm-lora.log" | tail -12
+          ls -la $W/png8 | tail -5 ;;
     mutations) timeout 420 python3 scripts/mutations.py 2>&1 | tee "$OUT/mutations.log" | tail -10 ;;
     generate) python3 -m krea_lite.cli --debug generate --model $W/q/full-nf4 --vram-gb ${VRAM:-8} --verbose --quiet \
              --steps ${STEPS:-28} --out $W/png "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/generate.log" | tail -30 ;;
