@@ -44,7 +44,8 @@ for s in $stages; do
              --schemes fp8mm --budgets none 8 6 4 --resolutions 1024x1024 --batches 1 --steps ${RSTEPS:-5} --warmup 2 \
              --e2e-steps 0 --interleave ${ROUNDS:-3} --compile --anchors --cell-timeout 500 --out $W/ratio8/ratio.json 2>&1 \
              | tee "$OUT/ratio8.log" | grep -E "ratio|\|" | tail -30; cp $W/ratio8/ratio.json "$OUT/ratio8.json" ;;
-    lora) for spec in "fp8mm --compile" "nf4"; do set -- $spec; python3 -m krea_lite.bench \
+    lora) specs=("fp8mm --compile" "nf4"); [ -n "${LORA_ONLY:-}" ] && specs=("$LORA_ONLY")
+          for spec in "${specs[@]}"; do set -- $spec; python3 -m krea_lite.bench \
              --workdir $W/qb --models $1=$W/q/full-$1 --schemes $1 --budgets none 8 --resolutions 1024x1024 --batches 1 \
              --steps 4 --warmup 2 --e2e-steps 0 --interleave 3 ${2:-} --loras 3 --lora-rank 64 --anchors \
              --cell-timeout 500 --out $W/lora-$1/ratio.json 2>&1 | tee "$OUT/lora-$1.log" | grep -E "ratio|\|" | tail -20
@@ -52,7 +53,7 @@ for s in $stages; do
     gen8) for run in 1 2; do python3 -m krea_lite.cli generate --model $W/q/full-fp8mm \
              --vram-gb 8 --compile --verbose --quiet --steps 28 --seed 1 --out $W/png8 "a lighthouse on a cliff at dawn" \
              2>&1 | tee "$OUT/gen8-fp8mm-$run.log" | tail -12; done
-          python3 -m krea_lite.cli generate --model $W/q/full-nf4 --vram-gb 8 --verbose --quiet --steps 28 --seed 1 \
+          [ -d $W/q/full-nf4 ] && python3 -m krea_lite.cli generate --model $W/q/full-nf4 --vram-gb 8 --verbose --quiet --steps 28 --seed 1 \
              --out $W/png8 "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/gen8-nf4.log" | tail -12
           python3 -m krea_lite.cli generate --model $W/q/full-fp8mm --vram-gb 8 --compile \
              --verbose --quiet --steps 28 --seed 1 --lora /tmp/krea-lite-bench-loras/lora-full-r64-s0.safetensors \
