@@ -47,8 +47,8 @@ for s in $stages; do
     lora) specs=("fp8mm --compile" "nf4"); [ -n "${LORA_ONLY:-}" ] && specs=("$LORA_ONLY")
           for spec in "${specs[@]}"; do set -- $spec; python3 -m krea_lite.bench \
              --workdir $W/qb --models $1=$W/q/full-$1 --schemes $1 --budgets none 8 --resolutions 1024x1024 --batches 1 \
-             --steps 4 --warmup 2 --e2e-steps 0 --interleave 3 ${2:-} --loras 3 --lora-rank 64 --anchors \
-             --cell-timeout 500 --out $W/lora-$1/ratio.json 2>&1 | tee "$OUT/lora-$1.log" | grep -E "ratio|\|" | tail -20
+             --steps 4 --warmup 2 --e2e-steps 0 --interleave 3 ${2:-} --loras 3 --lora-rank 64 --anchors --time-budget 0 \
+             --cell-timeout ${LORA_TIMEOUT:-500} --out $W/lora-$1/ratio.json 2>&1 | tee "$OUT/lora-$1.log" | grep -E "ratio|\|" | tail -20
              cp $W/lora-$1/ratio.json "$OUT/lora-$1.json"; done ;;
     gen8) for run in 1 2; do python3 -m krea_lite.cli generate --model $W/q/full-fp8mm \
              --vram-gb 8 --compile --verbose --quiet --steps 28 --seed 1 --out $W/png8 "a lighthouse on a cliff at dawn" \
