@@ -61,23 +61,25 @@ def _random_k_blocks(w: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
     target = w.reshape(-1, block).float()
     g = torch.Generator().manual_seed(seed)
     raw = torch.randint(0, 256, (target.shape[0], size), dtype=torch.uint8, generator=g)
+    if torch.cuda.is_available():  # the fit dequantizes twice: minutes for the full model on a CPU
+        raw, target = raw.cuda(), target.cuda()
     d_at, m_at = K_SCALES[kind]
 
     def with_scales(d: float | torch.Tensor, m: float | torch.Tensor | None) -> torch.Tensor:
         out = raw.clone()
         for at, v in ((d_at, d), (m_at, m)):
             if at is not None:
-                v = torch.as_tensor(v, dtype=torch.float32).expand(out.shape[0]).to(torch.float16)
+                v = torch.as_tensor(v, dtype=torch.float32, device=out.device).expand(out.shape[0]).to(torch.float16)
                 out[:, at:at + 2] = v.contiguous().view(torch.uint8).reshape(-1, 2)
         return out
 
     a = dequantize(with_scales(1.0, 0.0), t)  # the codes' shape with d = 1, dmin = 0
     d = target.std(1) / a.std(1).clamp_min(1e-6)
     if m_at is None:
-        return with_scales(d, None).reshape(rows, -1)
+        return with_scales(d, None).reshape(rows, -1).cpu()
     c = dequantize(with_scales(0.0, 1.0), t).mean(1)  # -(mins) with dmin = 1
     dmin = (target.mean(1) - d * a.mean(1)) / torch.where(c.abs() < 1e-6, torch.ones_like(c), c)
-    return with_scales(d, dmin).reshape(rows, -1)
+    return with_scales(d, dmin).reshape(rows, -1).cpu()
 
 
 def _encode(w: torch.Tensor, t, seed: int):
