@@ -29,13 +29,15 @@ from quantize_full import _status_kib  # noqa: E402
 def convert(gguf: Path, base: Path, out: Path) -> dict:
     cmd = [sys.executable, "-m", "krea_lite.cli", "quantize", str(gguf), "--base", str(base), "--out", str(out),
            "--force", "--quiet"]
-    start, peak = time.perf_counter(), 0
+    start, peak, anon = time.perf_counter(), 0, 0
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while proc.poll() is None:
+    while proc.poll() is None:  # VmRSS counts the memory-mapped .gguf pages; RssAnon what the conversion holds
         peak = max(peak, _status_kib(proc.pid, "VmRSS"))
+        anon = max(anon, _status_kib(proc.pid, "RssAnon"))
         time.sleep(0.05)
     row = {"returncode": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
-           "peak_vmrss_gib": round(peak / 2**20, 3), "output_tail": proc.stdout.read()[-1500:]}
+           "peak_vmrss_gib": round(peak / 2**20, 3), "peak_rss_anon_gib": round(anon / 2**20, 3),
+           "output_tail": proc.stdout.read()[-1500:]}
     if proc.returncode == 0:
         t = json.loads((out / "krea_lite.json").read_text())["components"]["transformer"]
         row.update(scheme=t["scheme"], stored_as=t["stored_as"], tensor_types=t["native"]["tensor_types"],
@@ -129,7 +131,7 @@ def main() -> int:
         rows.append(row)
         q = row["quantize"]
         print(f"{kind}: file {row['file_gib']} GiB; quantize rc {q['returncode']} in {q['seconds']} s, peak RSS "
-              f"{q['peak_vmrss_gib']} GiB; diffusers {row.get('diffusers_s_per_step')} s/step, krea-lite "
+              f"{q['peak_vmrss_gib']} GiB (anon {q['peak_rss_anon_gib']}); diffusers {row.get('diffusers_s_per_step')} s/step, krea-lite "
               f"{row.get('krea_lite_s_per_step')} s/step; rel err {row.get('rel_err')}", flush=True)
     if args.json:
         from krea_lite.checkpoint import library_versions
