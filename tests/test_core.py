@@ -64,7 +64,7 @@ def quantize_in_memory(model: nn.Module, scheme_name: str) -> nn.Module:
     return model.eval()  # bnb picks its CPU kernel by train/eval mode
 
 
-@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s != "gguf"])  # gguf only keeps a .gguf's blocks: test_gguf.py
 def test_reload_reproduces_pre_save_output_and_stays_near_bf16(scheme, tiny_source, quantized):
     folder = quantized(scheme)
     config = json.loads((tiny_source / "transformer" / "config.json").read_text())

@@ -180,7 +180,7 @@ def cmd_synth(args) -> int:
               f"{' + 24 GB single file' if not args.no_single_file else ''}) to {args.out}; this takes minutes",
               file=sys.stderr, flush=True)
     out = write_synthetic(Path(args.out), size=args.size, seed=args.seed, single_file=not args.no_single_file,
-                          force=args.force)
+                          force=args.force, gguf=tuple(args.gguf))
     print(f"wrote synthetic ({args.size}, seed {args.seed}, random weights) FLUX pipeline to {out}")
     return 0
 
@@ -446,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     s.add_argument("--no-single-file", action="store_true", help="skip the BFL single-file transformer")
     s.add_argument("--force", action="store_true", help="replace an earlier synthetic folder")
+    s.add_argument("--gguf", nargs="+", metavar="TYPE", default=[],
+                   help="also write the transformer as flux1-krea-dev-TYPE.gguf (Q8_0, Q4_K, ..., BF16)")
     s.set_defaults(func=cmd_synth)
 
     pl = sub.add_parser("plan", **fmt, help="show where every weight would live for a VRAM budget")

@@ -245,6 +245,33 @@ class W8A8(Scheme):
         return {"cuda_capability": k.needs, "kernel": k.kernel, "fallback": "dequantize"}
 
 
+@dataclass(frozen=True)
+class GGUF(Scheme):
+    """A .gguf file's own GGML blocks, kept as stored: uint8 rows + their GGML type (see gguf_file.py)."""
+
+    def quantize(self, weight):
+        raise KreaLiteError("scheme 'gguf' keeps the blocks of a FLUX .gguf source as they are and quantizes nothing: "
+                            "pass a .gguf file as the source, or choose another scheme (e.g. nf4)")
+
+    def make_module(self, linear):
+        from .gguf_file import gguf_linear
+
+        return gguf_linear(linear.in_features, linear.out_features, linear.bias is not None)
+
+    def load(self, module, stored):
+        from .gguf_file import gguf_parameter
+
+        # stored: "weight" (rows, bytes) uint8 GGML blocks, "weight_type" its GGML type id (uint8 scalar)
+        module.weight = gguf_parameter(stored["weight"], int(stored["weight_type"]))
+        if "bias" in stored:
+            module.bias = nn.Parameter(stored["bias"], requires_grad=False)
+
+    def logical_shape(self, stored):
+        from .gguf_file import logical_shape
+
+        return logical_shape(stored["weight"], int(stored["weight_type"]))
+
+
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
@@ -260,6 +287,9 @@ SCHEMES: dict[str, Scheme] = {
              "time) via torch._scaled_mm; CUDA capability 8.9+, elsewhere dequantizes", kind="fp8"),
         W8A8("int8mm", "krea-lite", 8, "int8 weights (per-channel scale) x int8 activations (per token, at run "
              "time) via torch._int_mm; CUDA capability 8.0+, elsewhere dequantizes", kind="int8"),
+        # bits: a Q4_K-ish nominal; a native GGUF copies the file's own bytes (no estimate needed)
+        GGUF("gguf", "gguf", 4.5, "GGUF blocks as stored in the source .gguf (Q8_0 ... Q2_K), dequantized to bf16 "
+             "at each call with diffusers' GGUF kernels (fused into the block under --compile)"),
     )
 }
 

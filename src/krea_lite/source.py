@@ -286,7 +286,9 @@ def open_file(path: Path, component: str = "transformer") -> Reader:
     if not path.is_file():
         raise KreaLiteError(f"{path} does not exist; pass the path of an existing {component} file")
     if component == "transformer":
-        return BflFile(path.resolve())
+        from .gguf_file import GGUFFile, is_gguf
+
+        return GGUFFile(path.resolve()) if is_gguf(path) else BflFile(path.resolve())
     raise KreaLiteError(f"{path}: krea-lite reads no single file for {component!r}; drop it and take the "
                         "component from --base")
 

@@ -299,7 +299,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def write_synthetic(out: Path, size: str = "tiny", seed: int = 0, single_file: bool = True,
-                    force: bool = False) -> Path:
+                    force: bool = False, gguf: tuple[str, ...] = ()) -> Path:
     """Write a random-weights FLUX.1 Krea [dev] pipeline folder laid out like the real hub repo.
 
     Args:
@@ -311,24 +311,31 @@ def write_synthetic(out: Path, size: str = "tiny", seed: int = 0, single_file: b
         seed: the weights are a pure function of (seed, component, tensor name).
         single_file: also write flux1-krea-dev.safetensors (BFL names) at the root.
         force: replace an existing `out`.
+        gguf: also write the transformer as FLUX GGUFs of these GGML types (`synthetic_gguf.write_gguf`),
+            `flux1-krea-dev-<TYPE>.gguf` at the root.
 
     Returns:
         `out`.
     """
     if size not in SIZES:
         raise KreaLiteError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")
+    if gguf:
+        from .gguf_file import qtype
+
+        for kind in gguf:
+            qtype(kind)  # an unknown type fails before anything is written
     out = Path(out).expanduser().resolve()
     check_out_parent(out, option="folder")
     with out_lock(out, option="folder"):  # one run per folder: a second one would delete this one's files
         try:
-            return _write_locked(out, size, seed, single_file, force)
+            return _write_locked(out, size, seed, single_file, force, tuple(gguf))
         except OSError as e:
             if (line := os_error(e, out, option="folder")) is not None:
                 raise line from e
             raise
 
 
-def _write_locked(out: Path, size: str, seed: int, single_file: bool, force: bool) -> Path:
+def _write_locked(out: Path, size: str, seed: int, single_file: bool, force: bool, gguf: tuple[str, ...]) -> Path:
     import diffusers
 
     from .progress import progress_bar
@@ -341,7 +348,7 @@ def _write_locked(out: Path, size: str, seed: int, single_file: bool, force: boo
     cfg = _configs(size)
     models = {c: _meta_model(c, cfg[c]) for c in WEIGHT_PREFIX}
     nbytes = {c: sum(math.prod(s[1]) * 2 for s in _specs(m)) for c, m in models.items()}
-    total = sum(nbytes.values()) + (nbytes["transformer"] if single_file else 0)
+    total = sum(nbytes.values()) + (nbytes["transformer"] if single_file else 0) + len(gguf) * nbytes["transformer"]
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
     if free < total * 1.02:
@@ -370,6 +377,10 @@ def _write_locked(out: Path, size: str, seed: int, single_file: bool, force: boo
             if single_file:
                 meta = {"format": "pt", "krea_lite_synthetic": f"random weights, size {size}, seed {seed}"}
                 _write_single_file(tmp / SINGLE_FILE, tmp / "transformer", cfg["transformer"], meta, bar)
+            for kind in gguf:
+                from .synthetic_gguf import gguf_name, write_gguf
+
+                write_gguf(tmp, tmp / gguf_name(kind), kind, seed=seed)
         _write_clip_tokenizer(tmp / "tokenizer")
         _write_t5_tokenizer(tmp / "tokenizer_2")
         diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER).save_config(tmp / "scheduler")

@@ -1,0 +1,145 @@
+"""GGUF on the full-size model: krea-lite's kept GGUF blocks against diffusers' own GGUF loader.
+
+For each GGML type: write the full-size synthetic transformer as a FLUX .gguf (unless it is there), convert
+it with `krea-lite quantize FILE.gguf --base FOLDER` in a child process (time, peak RSS), load the same file
+with diffusers (`FluxTransformer2DModel.from_single_file(..., GGUFQuantizationConfig(bf16))`) and our folder's
+transformer, run one forward at 1024x1024 (4096 image + 512 text tokens) with the same inputs, and print the
+relative error between the two outputs (target <= 1e-2) and the s/step of each (median of 3 after a warm-up).
+diffusers' Flux single-file converter hard-codes the real widths, so this needs `--size full` synthetic folders.
+
+    krea-lite synth /tmp/flux-full --size full --gguf Q8_0 Q4_K
+    python benchmarks/gguf_check.py --synthetic /tmp/flux-full --types Q8_0 Q4_K --out-root /tmp/gguf-q \
+        --json benchmarks/results/gguf-check.json [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quantize_full import _status_kib  # noqa: E402
+
+
+def convert(gguf: Path, base: Path, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "krea_lite.cli", "quantize", str(gguf), "--base", str(base), "--out", str(out),
+           "--force", "--quiet"]
+    start, peak, anon = time.perf_counter(), 0, 0
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while proc.poll() is None:  # VmRSS counts the memory-mapped .gguf pages; RssAnon what the conversion holds
+        peak = max(peak, _status_kib(proc.pid, "VmRSS"))
+        anon = max(anon, _status_kib(proc.pid, "RssAnon"))
+        time.sleep(0.05)
+    row = {"returncode": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
+           "peak_vmrss_gib": round(peak / 2**20, 3), "peak_rss_anon_gib": round(anon / 2**20, 3),
+           "output_tail": proc.stdout.read()[-1500:]}
+    if proc.returncode == 0:
+        t = json.loads((out / "krea_lite.json").read_text())["components"]["transformer"]
+        row.update(scheme=t["scheme"], stored_as=t["stored_as"], tensor_types=t["native"]["tensor_types"],
+                   bytes=t["bytes"], source_bytes=t["source_bytes"])
+    return row
+
+
+def inputs(device):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack(torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij"), -1).reshape(-1, 2)
+    x = dict(hidden_states=torch.randn(1, 4096, 64, generator=g), encoder_hidden_states=torch.randn(1, 512, 4096, generator=g),
+             pooled_projections=torch.randn(1, 768, generator=g))
+    x = {k: v.to(device, torch.bfloat16) for k, v in x.items()}
+    return dict(x, timestep=torch.tensor([0.5], device=device), guidance=torch.tensor([3.5], device=device),
+                img_ids=torch.cat([torch.zeros(4096, 1), ids], 1).to(device), txt_ids=torch.zeros(512, 3, device=device),
+                return_dict=False)
+
+
+def timed(model, x, repeats: int = 3):
+    import torch
+
+    with torch.no_grad():
+        out = model(**x)[0]  # warm-up (compiles, with --compile)
+        times = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(**x)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return out.float().cpu(), round(statistics.median(times), 4)
+
+
+def check(kind: str, folder: Path, out_root: Path, compile_: bool) -> dict:
+    import torch
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+
+    from krea_lite.compat import move
+    from krea_lite.pipeline import load_component
+    from krea_lite.synthetic_gguf import gguf_name, write_gguf
+
+    path = folder / gguf_name(kind)
+    row: dict = {"type": kind, "file": str(path)}
+    if not path.exists():
+        t0 = time.perf_counter()
+        write_gguf(folder, path, kind)
+        row["write_seconds"] = round(time.perf_counter() - t0, 1)
+    row["file_gib"] = round(path.stat().st_size / 2**30, 3)
+    out = out_root / kind
+    row["quantize"] = convert(path, folder, out)
+    if row["quantize"]["returncode"] != 0:
+        return row
+    x = inputs("cuda")
+    ref_model = FluxTransformer2DModel.from_single_file(
+        str(path), quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16),
+        config=str(folder / "transformer"), torch_dtype=torch.bfloat16).to("cuda")
+    ref, row["diffusers_s_per_step"] = timed(ref_model, x)
+    del ref_model
+    torch.cuda.empty_cache()
+    info = json.loads((out / "krea_lite.json").read_text())["components"]["transformer"]
+    ours = load_component(out / "transformer", "transformer", info)
+    move(ours, torch.device("cuda"))
+    if compile_:
+        from krea_lite.compile import compile_transformer
+
+        compile_transformer(ours, device="cuda")
+    got, row["krea_lite_s_per_step"] = timed(ours, x)
+    row["compiled"] = compile_
+    row["rel_err"] = float((got - ref).norm() / ref.norm())
+    row["ok"] = row["rel_err"] <= 1e-2
+    del ours
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--synthetic", required=True, type=Path, help="a full-size `krea-lite synth --size full` folder")
+    ap.add_argument("--types", nargs="+", default=["Q8_0", "Q4_K"])
+    ap.add_argument("--out-root", required=True, type=Path, help="where the converted folders go")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile our transformer's blocks")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    import torch
+
+    rows = []
+    for kind in args.types:
+        row = check(kind, args.synthetic, args.out_root, args.compile)
+        rows.append(row)
+        q = row["quantize"]
+        print(f"{kind}: file {row['file_gib']} GiB; quantize rc {q['returncode']} in {q['seconds']} s, peak RSS "
+              f"{q['peak_vmrss_gib']} GiB (anon {q['peak_rss_anon_gib']}); diffusers {row.get('diffusers_s_per_step')} s/step, krea-lite "
+              f"{row.get('krea_lite_s_per_step')} s/step; rel err {row.get('rel_err')}", flush=True)
+    if args.json:
+        from krea_lite.checkpoint import library_versions
+
+        args.json.write_text(json.dumps({"card": torch.cuda.get_device_name(), "libraries": library_versions(),
+                                         "rows": rows}, indent=2))
+    return 0 if all(r.get("ok") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
