@@ -61,9 +61,11 @@ def cmd_quantize(args) -> int:
     unquantized = []
     for name, c in manifest["components"].items():
         scheme = c["scheme"]
-        if c.get("quantized_modules") == [] and scheme not in ("bf16", "copied"):
+        if c.get("quantized_modules") == [] and scheme not in ("bf16", "copied", "converted"):
             unquantized.append(name)
             scheme = "bf16 (all kept)"  # the asked-for scheme applies to no module
+        if c.get("stored_as") == "native":
+            scheme += " (as stored)"
         print(f"{name:<16}{scheme:<16}{_size(c['source_bytes']):>12}{_size(c['bytes']):>12}")
     before = sum(c["source_bytes"] for c in manifest["components"].values())
     after = sum(c["bytes"] for c in manifest["components"].values())
@@ -373,8 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", **fmt, help="convert a source once into a small quantized folder")
     q.add_argument("source", help="hub repo id, local diffusers folder, or flux1-krea-dev.safetensors")
     q.add_argument("--out", required=True, help="folder to create")
-    q.add_argument("--transformer", default=qc.transformer, choices=list(SCHEMES), help="scheme for the FLUX transformer")
-    q.add_argument("--text-encoder", default=qc.text_encoder, choices=list(SCHEMES), help="scheme for T5-XXL")
+    q.add_argument("--transformer", default=qc.transformer, choices=list(SCHEMES),
+                   help="scheme for the FLUX transformer (default: what a single file stores, kept as it is; else nf4)")
+    q.add_argument("--text-encoder", default=qc.text_encoder, choices=list(SCHEMES),
+                   help="scheme for T5-XXL (default: as for --transformer)")
     q.add_argument("--keep", nargs="+", metavar="PATTERN", help="module patterns left bf16 (replaces defaults)")
     q.add_argument("--base", help="for a single-file source: repo id or folder with the other components")
     q.add_argument("--revision", help="hub revision (branch, tag or commit)")

@@ -54,6 +54,7 @@ KEEP_REASON = {
 W8A8_T5_KEEP_REASON = ("T5 casts `wo`'s input to `wo`'s weight dtype (fp8 would destroy it), and that input "
                        "carries T5's largest activation outliers (per-token 8-bit would clip them)")
 QUANTIZED = {"transformer": "diffusion_pytorch_model", "text_encoder_2": "model"}
+DEFAULT_SCHEME = "nf4"  # for a component whose source stores plain floats
 COPIED = ("text_encoder", "vae", "tokenizer", "tokenizer_2", "scheduler")
 
 
@@ -62,8 +63,9 @@ class QuantizeConfig:
     """What `quantize_pipeline` makes.
 
     Args:
-        transformer: scheme for the FLUX transformer (see `krea_lite.schemes.SCHEMES`).
-        text_encoder: scheme for the T5-XXL text encoder (CLIP-L is small and stays bf16).
+        transformer: scheme for the FLUX transformer (see `krea_lite.schemes.SCHEMES`); None: what a
+            single-file source stores, kept as it is (GGUF, ComfyUI fp8, Forge NF4), else "nf4".
+        text_encoder: scheme for the T5-XXL text encoder (CLIP-L is small and stays bf16); None as above.
         keep: module-name patterns (fnmatch) left in bf16, replacing the defaults of both
             components; a pattern that matches nothing in either is an error.
         base: for a single-file source, where the other components come from (repo id or folder).
@@ -71,16 +73,17 @@ class QuantizeConfig:
         device: where quantization runs ("cuda" or "cpu"); default cuda when available.
     """
 
-    transformer: str = "nf4"
-    text_encoder: str = "nf4"
+    transformer: str | None = None
+    text_encoder: str | None = None
     keep: tuple[str, ...] | None = None
     base: str | None = None
     revision: str | None = None
     device: str | None = None
 
     def __post_init__(self):
-        get_scheme(self.transformer)
-        get_scheme(self.text_encoder)
+        for name in (self.transformer, self.text_encoder):
+            if name is not None:
+                get_scheme(name)
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise KreaLiteError(f"device {self.device!r} is not 'cpu' or 'cuda'; use --device cpu, cuda or cuda:N")
 
@@ -134,7 +137,28 @@ def _expected(model: nn.Module) -> tuple[dict[str, torch.Size], dict[str, str]]:
     return shapes, canonical
 
 
-def _convert(src, component: str, scheme, patterns, out: Path, device: str, bar) -> dict:
+def scheme_for(src, component: str, asked: str | None) -> tuple[str, bool]:
+    """(scheme name, native): the scheme asked for, else what the source's file stores, else nf4;
+    `native` when the stored form is copied as it is (no second quantization)."""
+    reader = src.reader(component)
+    stored = reader.native_scheme if reader is not None else None
+    name = asked or stored or DEFAULT_SCHEME
+    return name, stored is not None and name == stored
+
+
+def _check_tensor(src, component: str, name: str, shape, dtype, shapes: dict) -> None:
+    if name not in shapes:
+        raise KreaLiteError(f"{src.id}: {component} tensor {name!r} is not part of FLUX.1's {component}; "
+                            "is this the right model?")
+    if tuple(shape) != tuple(shapes[name]):
+        raise KreaLiteError(f"{src.id}: {component} tensor {name!r} has shape {tuple(shape)}, config.json "
+                            f"expects {tuple(shapes[name])}; the weights do not match the config")
+    if dtype is not None and not dtype.is_floating_point:
+        raise KreaLiteError(f"{src.id}: {component} tensor {name!r} has dtype {dtype}; expected floating "
+                            "point weights (bf16/fp16/fp32/fp8)")
+
+
+def _convert(src, component: str, scheme, native: bool, patterns, out: Path, device: str, bar) -> dict:
     config = src.config(component)
     model = build_meta(component, config)
     quantized, kept, unused = split_linears(model, patterns)
@@ -142,26 +166,40 @@ def _convert(src, component: str, scheme, patterns, out: Path, device: str, bar)
         quantized, kept = [], []
     targets = set(quantized)
     shapes, canonical = _expected(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     writer = ShardWriter(out, QUANTIZED[component])
-    seen = set()
-    for name, t in src.iter_tensors(component):
-        if name not in shapes:
-            raise KreaLiteError(f"{src.id}: {component} tensor {name!r} is not part of FLUX.1's {component}; "
-                                "is this the right model?")
-        if t.shape != shapes[name]:
-            raise KreaLiteError(f"{src.id}: {component} tensor {name!r} has shape {tuple(t.shape)}, config.json "
-                                f"expects {tuple(shapes[name])}; the weights do not match the config")
-        if not t.is_floating_point():
-            raise KreaLiteError(f"{src.id}: {component} tensor {name!r} has dtype {t.dtype}; expected floating "
-                                "point weights (bf16/fp16/fp32/fp8)")
-        module, _, leaf = name.rpartition(".")
-        if leaf == "weight" and module in targets:
-            for key, value in scheme.quantize(t.to(device=device, dtype=torch.bfloat16)).items():
-                writer.add(f"{module}.{key}", value)
-        else:
-            writer.add(name, t.to(torch.bfloat16))
-        seen.add(canonical[name])
-        bar.update(t.numel() * t.element_size())
+    seen, stored_quantized = set(), []
+    reader = src.reader(component)
+    if native:  # the source's own stored form, copied: no second quantization
+        for name, value in reader.iter_native():
+            if isinstance(value, dict):
+                if name not in linears:
+                    raise KreaLiteError(f"{src.id}: {component} holds a quantized {name!r}, which is not a Linear "
+                                        f"of FLUX.1's {component}; is this the right model?")
+                _check_tensor(src, component, f"{name}.weight", scheme.logical_shape(value), None, shapes)
+                for key, t in value.items():
+                    writer.add(f"{name}.{key}", t)
+                stored_quantized.append(name)
+                seen.add(canonical[f"{name}.weight"])
+                bar.update(sum(t.numel() * t.element_size() for t in value.values()))
+                continue
+            _check_tensor(src, component, name, value.shape, value.dtype, shapes)
+            writer.add(name, value.to(torch.bfloat16))
+            seen.add(canonical[name])
+            bar.update(value.numel() * value.element_size())
+        done = set(stored_quantized)
+        quantized, kept = [n for n in linears if n in done], ([n for n in linears if n not in done] if done else [])
+    else:
+        for name, t in src.iter_tensors(component):
+            _check_tensor(src, component, name, t.shape, t.dtype, shapes)
+            module, _, leaf = name.rpartition(".")
+            if leaf == "weight" and module in targets:
+                for key, value in scheme.quantize(t.to(device=device, dtype=torch.bfloat16)).items():
+                    writer.add(f"{module}.{key}", value)
+            else:
+                writer.add(name, t.to(torch.bfloat16))
+            seen.add(canonical[name])
+            bar.update(t.numel() * t.element_size())
     missing = sorted({canonical[n] for n in shapes} - seen)
     if missing:
         raise KreaLiteError(f"{src.id}: {component} is missing {len(missing)} tensors (first: {missing[0]!r}); "
@@ -169,15 +207,22 @@ def _convert(src, component: str, scheme, patterns, out: Path, device: str, bar)
     writer.close()
     qc = scheme.library_config(kept, component) if quantized else None
     (out / "config.json").write_text(json.dumps({**config, **({"quantization_config": qc} if qc else {})}, indent=2))
+    stored_in = reader.native_scheme if reader is not None else None
     return {
         "scheme": scheme.name,
         "backend": scheme.backend if quantized else None,
         "description": scheme.description,
         "quantized_modules": quantized,
         "kept_modules": kept,
-        "keep_patterns": list(patterns),
-        "keep_reason": _keep_reason(component, scheme, kept),
-        "unused_patterns": sorted(unused),
+        "keep_patterns": [] if native else list(patterns),
+        "keep_reason": ("as stored in the source file" if native and kept else
+                        _keep_reason(component, scheme, kept)),
+        "unused_patterns": [] if native else sorted(unused),
+        # where the weights came from, and whether quantized weights were quantized once more
+        "source_format": reader.format if reader is not None else "diffusers",
+        "stored_as": "native" if native else ("converted" if stored_in else "quantized"),
+        "requantized": bool(stored_in) and not native and scheme.name != "bf16",
+        **({"native": reader.native_info()} if native else {}),
         **({"requires": scheme.requires()} if quantized and scheme.requires() else {}),
         "source_bytes": sum(p.stat().st_size for p in src.files(component)),
         "bytes": sum(p.stat().st_size for p in out.iterdir()),
@@ -198,11 +243,29 @@ def _copy_component(src_dir: Path, dst: Path) -> dict:
     return {"scheme": "copied", "backend": None, "source_bytes": size, "bytes": size}
 
 
+def _write_component(src, component: str, dst: Path) -> dict:
+    """A copied component (CLIP, VAE) whose weights come from a single file: config.json from the base
+    folder, the file's tensors (as bf16, under diffusers names) as a diffusers safetensors component."""
+    from .source import WEIGHTS
+
+    reader = src.reader(component)
+    dst.mkdir(parents=True)
+    shutil.copyfile(src.root / component / "config.json", dst / "config.json")
+    writer = ShardWriter(dst, WEIGHTS[component])
+    for name, t in reader.iter_tensors():
+        writer.add(name, t.to(torch.bfloat16))
+    writer.close()
+    return {"scheme": "converted", "backend": None, "source_format": reader.format,
+            "source_bytes": sum(p.stat().st_size for p in reader.files),
+            "bytes": sum(p.stat().st_size for p in dst.iterdir())}
+
+
 def _estimate_bytes(src, config: QuantizeConfig) -> int:
     total = 0
-    for component, name in (("transformer", config.transformer), ("text_encoder_2", config.text_encoder)):
+    for component, asked in (("transformer", config.transformer), ("text_encoder_2", config.text_encoder)):
         src_bytes = sum(p.stat().st_size for p in src.files(component))
-        total += int(src_bytes * get_scheme(name).bits / 16)
+        name, native = scheme_for(src, component, asked)
+        total += src_bytes if native else int(src_bytes * get_scheme(name).bits / 16)
     for component in COPIED:
         d = src.root / component
         total += sum(p.stat().st_size for p in d.iterdir() if p.is_file()) if d.is_dir() else 0
@@ -246,7 +309,7 @@ def _quantize_locked(source, out: Path, config: QuantizeConfig, device: str, for
 
     refuse_existing(out, force)
     src = resolve_source(str(source), base=config.base, revision=config.revision)
-    protect = (src.root,) + ((src.transformer_file,) if src.transformer_file else ())
+    protect = (src.root,) + tuple(p for _, r in src.readers for p in r.files)
     needed = _estimate_bytes(src, config)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.resolve().parent).free
@@ -279,13 +342,16 @@ def _quantize_locked(source, out: Path, config: QuantizeConfig, device: str, for
             components = {}
             total = sum(p.stat().st_size for c in QUANTIZED for p in src.files(c))
             with progress_bar(total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
-                for component, scheme_name in (("transformer", config.transformer),
-                                               ("text_encoder_2", config.text_encoder)):
+                for component, asked in (("transformer", config.transformer),
+                                         ("text_encoder_2", config.text_encoder)):
+                    scheme_name, native = scheme_for(src, component, asked)
                     patterns = keep_patterns(component, scheme_name, config.keep)
-                    components[component] = _convert(src, component, get_scheme(scheme_name), patterns,
+                    components[component] = _convert(src, component, get_scheme(scheme_name), native, patterns,
                                                      tmp / component, device, bar)
             for component in COPIED:
-                components[component] = _copy_component(src.root / component, tmp / component)
+                components[component] = (_write_component(src, component, tmp / component)
+                                         if src.reader(component) is not None
+                                         else _copy_component(src.root / component, tmp / component))
             shutil.copyfile(src.root / "model_index.json", tmp / "model_index.json")
             hasher.join()
             if not source_info:  # the hash thread failed (the file vanished or cannot be read)

@@ -9,6 +9,7 @@ loads in plain diffusers/transformers and a quanto folder through optimum-quanto
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -84,6 +85,10 @@ class Scheme:
         """The hardware the scheme's fast path needs, for the manifest (None: runs anywhere at full speed)."""
         return None
 
+    def logical_shape(self, stored: dict[str, torch.Tensor]) -> tuple[int, ...]:
+        """The (out, in) shape of the bf16 weight that `stored` (keys as from `quantize`) holds."""
+        return tuple(stored["weight"].shape)
+
 
 @dataclass(frozen=True)
 class Bf16(Scheme):
@@ -138,6 +143,12 @@ class BnbNF4(Scheme):
         )
         if "bias" in stored:
             module.bias = nn.Parameter(stored["bias"], requires_grad=False)
+
+    def logical_shape(self, stored):
+        raw = stored.get("weight.quant_state.bitsandbytes__nf4")
+        if raw is None:
+            raise KreaLiteError("an NF4 weight without its quant_state.bitsandbytes__nf4 entry")
+        return tuple(json.loads(bytes(raw.tolist()).decode())["shape"])
 
     def library_config(self, skip_modules, component):
         return _bnb_config(

@@ -212,18 +212,107 @@ def _read_single_file(path: Path) -> _SingleFile:
     return _SingleFile({names[n]: expected[n] for n in sorted(names)}, hidden)
 
 
+class Reader:
+    """One component's weights from a single file rather than a diffusers folder (BFL, GGUF, ComfyUI, Forge).
+
+    A reader yields the component's tensors under diffusers/transformers names two ways: `iter_tensors`
+    as plain bf16 (dequantized, for any scheme to quantize), and, where the file stores Linear weights
+    in a form one of krea-lite's schemes keeps (`native_scheme`), `iter_native` as exactly that stored
+    form, so a conversion copies them without quantizing a second time.
+    """
+
+    format = "?"  # what the manifest calls the file's layout ("bfl", "gguf", ...)
+    native_scheme: str | None = None  # a schemes.SCHEMES name its quantized Linears already are; None: floats
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def tensor_names(self) -> list[str]:
+        """Diffusers names of the tensors `iter_tensors` yields, in order."""
+        raise NotImplementedError
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (diffusers name, bf16 CPU tensor) one at a time."""
+        raise NotImplementedError
+
+    def iter_native(self) -> Iterator[tuple[str, torch.Tensor | dict[str, torch.Tensor]]]:
+        """Yield (diffusers name, tensor) for a plain tensor, or (Linear module name, {key: tensor}) for a
+        Linear stored in `native_scheme`'s form (the keys `Scheme.quantize` returns; its bias comes on its own)."""
+        raise NotImplementedError
+
+    def native_info(self) -> dict:
+        """What the manifest records about the stored form (e.g. {"tensor_types": {"Q4_K": 304, ...}})."""
+        return {}
+
+    def describe(self, stop: threading.Event | None = None) -> dict:
+        from .checkpoint import sha256_file
+
+        return {"name": self.path.name, "size": self.path.stat().st_size, "sha256": sha256_file(self.path, stop=stop)}
+
+
+class BflFile(Reader):
+    """The BFL release's single-file transformer (`flux1-krea-dev.safetensors`, or ComfyUI's copy of it)."""
+
+    format = "bfl"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.single = _read_single_file(path)  # fails now on a damaged or non-FLUX file
+
+    def tensor_names(self):
+        return [n for parts in self.single.layout.values() for n in parts]
+
+    def iter_tensors(self):
+        with open_safetensors(self.path) as f:
+            for key, parts in self.single.layout.items():
+                yield from bfl_to_diffusers(key.removeprefix(_COMFY_PREFIX), _as_bf16(_get(f, self.path, key)),
+                                            parts, self.single.hidden)
+
+
+def _get(f, path: Path, key: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(key)
+    except Exception as e:  # SafetensorError, OSError (file shrank under us), unsupported dtype
+        raise KreaLiteError(f"{path}: tensor {key!r} cannot be read ({e}); re-download the file") from None
+
+
+def open_file(path: Path, component: str = "transformer") -> Reader:
+    """The reader for one component's single file, chosen from the file's own header, not its name."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise KreaLiteError(f"{path} does not exist; pass the path of an existing {component} file")
+    if component == "transformer":
+        return BflFile(path.resolve())
+    raise KreaLiteError(f"{path}: krea-lite reads no single file for {component!r}; drop it and take the "
+                        "component from --base")
+
+
 @dataclass(frozen=True)
 class Source:
     """A resolved FLUX.1 pipeline: where each component's config and weights are.
 
-    `root` is a local diffusers pipeline folder. With `transformer_file` set, the transformer's
-    weights come from that BFL single file instead of `root/transformer` (only its config.json is read).
+    `root` is a local diffusers pipeline folder: configs, tokenizers and scheduler always come from it.
+    `readers` replaces the weights of some components with single files (`Reader`s): the transformer
+    from a BFL single file, for instance; only `root/<component>/config.json` is read for those.
     """
 
     id: str
     root: Path
     revision: str | None = None
-    transformer_file: Path | None = None
+    readers: tuple[tuple[str, Reader], ...] = ()
+
+    def reader(self, component: str) -> Reader | None:
+        """The single-file reader of `component`, or None when its weights are in `root`."""
+        return dict(self.readers).get(component)
+
+    @property
+    def transformer_file(self) -> Path | None:
+        r = self.reader("transformer")
+        return r.path if r is not None else None
 
     def config(self, component: str) -> dict:
         """The config.json of transformer / text_encoder / text_encoder_2 / vae."""
@@ -231,16 +320,16 @@ class Source:
 
     def files(self, component: str) -> list[Path]:
         """The weight files `iter_tensors(component)` reads."""
-        if component == "transformer" and self.transformer_file:
-            return [self.transformer_file]
+        if (r := self.reader(component)) is not None:
+            return r.files
         if component not in WEIGHTS:
             raise KreaLiteError(f"{component!r} has no weights; choose one of {', '.join(WEIGHTS)}")
         return _weight_files(self.root / component, WEIGHTS[component])
 
     def tensor_names(self, component: str) -> list[str]:
         """Diffusers/transformers names of the component's tensors, in `iter_tensors` order."""
-        if component == "transformer" and self.transformer_file:
-            return [n for parts in _read_single_file(self.transformer_file).layout.values() for n in parts]
+        if (r := self.reader(component)) is not None:
+            return r.tensor_names()
         names = []
         for path in self.files(component):
             with open_safetensors(path) as f:
@@ -249,36 +338,20 @@ class Source:
 
     def iter_tensors(self, component: str) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (diffusers name, bf16 CPU tensor) one at a time; fused BFL tensors yield their parts."""
-        if component == "transformer" and self.transformer_file:
-            path = self.transformer_file
-            single = _read_single_file(path)
-            with open_safetensors(path) as f:
-                for key, parts in single.layout.items():
-                    yield from bfl_to_diffusers(key.removeprefix(_COMFY_PREFIX), _as_bf16(self._get(f, path, key)),
-                                                parts, single.hidden)
+        if (r := self.reader(component)) is not None:
+            yield from r.iter_tensors()
             return
         for path in self.files(component):
             with open_safetensors(path) as f:
                 for key in f.keys():
-                    yield key, _as_bf16(self._get(f, path, key))
-
-    @staticmethod
-    def _get(f, path: Path, key: str) -> torch.Tensor:
-        try:
-            return f.get_tensor(key)
-        except Exception as e:  # SafetensorError, OSError (file shrank under us), unsupported dtype
-            raise KreaLiteError(f"{path}: tensor {key!r} cannot be read ({e}); re-download the file") from None
+                    yield key, _as_bf16(_get(f, path, key))
 
     def describe(self, stop: threading.Event | None = None) -> dict:
-        """What the manifest records: id, revision, and for a single file its name, size and sha256
+        """What the manifest records: id, revision, and for each single file its name, size and sha256
         (`stop`: give up hashing, e.g. because the conversion running beside it failed)."""
-        from .checkpoint import sha256_file
-
         out: dict = {"id": self.id, "revision": self.revision}
-        if self.transformer_file:
-            path = self.transformer_file
-            out["transformer_file"] = {"name": path.name, "size": path.stat().st_size,
-                                       "sha256": sha256_file(path, stop=stop)}
+        for component, r in self.readers:
+            out[f"{component}_file"] = {**r.describe(stop), **({"format": r.format} if r.format != "bfl" else {})}
         marker = self.root / SYNTHETIC_MARKER
         if marker.is_file():
             out["synthetic"] = _read_json(marker)
@@ -397,27 +470,24 @@ def resolve_source(spec: str, base: str | None = None, revision: str | None = No
         A `Source`. Raises KreaLiteError with one line naming the problem.
     """
     spec = str(spec)
-    if spec.endswith(".safetensors"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise KreaLiteError(f"{path} does not exist; pass the path of flux1-krea-dev.safetensors")
-        path = path.resolve()
-        _read_single_file(path)  # fail now on a damaged or non-FLUX file
+    path = Path(spec).expanduser()
+    if path.is_file() or (not path.exists() and spec.endswith((".safetensors", ".gguf"))):
+        reader = open_file(path, "transformer")  # fails now on a damaged or non-FLUX file
         if base is None:  # the user typed no --base: say where the default came from
             what = (f"{path.name} holds only the transformer; the VAE, text encoders and tokenizers come from "
                     f"--base, by default {DEFAULT_REPO}, which")
             root, commit = _pipeline_root(DEFAULT_REPO, revision, transformer_weights=False, what=what,
                                           instead="pass --base with a local diffusers folder of FLUX.1", typed=False)
-            return Source(id=spec, root=root, revision=commit, transformer_file=path)
+            return Source(id=spec, root=root, revision=commit, readers=(("transformer", reader),))
         base = str(base)
-        if base.endswith(".safetensors"):
+        if Path(base).expanduser().is_file():
             raise KreaLiteError(f"--base {base} is a single file; pass a repo id or diffusers folder for the "
                                 "VAE, text encoders and tokenizers")
         at = f" at revision {revision!r}" if revision else ""
         root, commit = _pipeline_root(base, revision, transformer_weights=False,
                                       what=f"--base {base} is not a folder here (no such path), and as a "
                                            f"Hugging Face repo id{at} it")
-        return Source(id=spec, root=root, revision=commit, transformer_file=path)
+        return Source(id=spec, root=root, revision=commit, readers=(("transformer", reader),))
     if base is not None:
         raise KreaLiteError(f"--base {base} is only used with a single-file source (.safetensors); {spec} is a "
                             "whole pipeline with its own components: drop --base")
