@@ -52,7 +52,7 @@ def cmd_quantize(args) -> int:
 
     config = QuantizeConfig(transformer=args.transformer, text_encoder=args.text_encoder,
                             keep=tuple(args.keep) if args.keep else None, base=args.base,
-                            revision=args.revision, device=args.device)
+                            revision=args.revision, device=args.device, t5=args.t5, clip=args.clip, vae=args.vae)
     out = quantize_pipeline(args.source, args.out, config, force=args.force, progress=not args.quiet)
     from .checkpoint import read_manifest
 
@@ -181,6 +181,12 @@ def cmd_synth(args) -> int:
     out = write_synthetic(Path(args.out), size=args.size, seed=args.seed, single_file=not args.no_single_file,
                           force=args.force)
     print(f"wrote synthetic ({args.size}, seed {args.seed}, random weights) FLUX pipeline to {out}")
+    if args.comfy:
+        from .synthetic_comfy import write_comfy_files
+
+        files = write_comfy_files(out, force=args.force)
+        print(f"wrote its ComfyUI / Forge single files to {next(iter(files.values())).parent}: "
+              + ", ".join(p.name for p in files.values()))
     return 0
 
 
@@ -381,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scheme for T5-XXL (default: as for --transformer)")
     q.add_argument("--keep", nargs="+", metavar="PATTERN", help="module patterns left bf16 (replaces defaults)")
     q.add_argument("--base", help="for a single-file source: repo id or folder with the other components")
+    q.add_argument("--t5", metavar="FILE", help="T5-XXL from a single file (ComfyUI t5xxl_fp16 / t5xxl_fp8_e4m3fn"
+                   "[_scaled].safetensors); its config comes from --base")
+    q.add_argument("--clip", metavar="FILE", help="CLIP-L from a single file (clip_l.safetensors)")
+    q.add_argument("--vae", metavar="FILE", help="the VAE from a single file (BFL/ComfyUI ae.safetensors)")
     q.add_argument("--revision", help="hub revision (branch, tag or commit)")
     q.add_argument("--device", choices=["cpu", "cuda"], help="where to quantize (default: cuda if available)")
     q.add_argument("--force", action="store_true", help="replace --out if it is an earlier krea-lite folder (or empty)")
@@ -445,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     s.add_argument("--no-single-file", action="store_true", help="skip the BFL single-file transformer")
     s.add_argument("--force", action="store_true", help="replace an earlier synthetic folder")
+    s.add_argument("--comfy", action="store_true", help="also write its ComfyUI / Forge single files (fp8_scaled "
+                   "and NF4 transformers, t5xxl fp16 / fp8_scaled, clip_l, ae) to OUT-comfy/")
     s.set_defaults(func=cmd_synth)
 
     pl = sub.add_parser("plan", **fmt, help="show where every weight would live for a VRAM budget")

@@ -15,7 +15,7 @@ text encoders, each under its own key prefix); `sniff` finds each part and its s
   vae             "ldm"      BFL/LDM autoencoder names `encoder.down.0.block.0...` (ae.safetensors)
 
 Everything else (an SD/SDXL UNet, CLIP-G alone, bitsandbytes FP4/int8, ComfyUI's newer mixed
-`comfy_quant` files) is refused in one line. A GGUF check can join `sniff_file` later.
+`comfy_quant` files) is refused in one line. GGUF files are told apart by their magic (`is_gguf`).
 """
 
 from __future__ import annotations
@@ -65,6 +65,10 @@ class Sniffed:
         """The part for `role`, or one line saying what the file holds instead."""
         if role in self.parts:
             return self.parts[role]
+        if not self.parts:
+            raise KreaLiteError(f"{self.path} is not a {ROLE_NAMES[role]} single file (none of its tensor names is "
+                                f"one of a FLUX transformer, T5-XXL, CLIP-L or FLUX autoencoder); give a "
+                                f"{ROLE_NAMES[role]} file as {OPTION[role]}")
         held = " and ".join(f"a {ROLE_NAMES[r]}" for r in self.parts)
         hint = f" (pass it as {OPTION[next(iter(self.parts))]})" if len(self.parts) == 1 else ""
         raise KreaLiteError(f"{self.path} holds {held}, not a {ROLE_NAMES[role]}{hint}; "
@@ -119,23 +123,22 @@ def _layout(role: str, path: Path, keys: list[str], dtypes: dict[str, str]) -> s
 def sniff_file(path: Path) -> Sniffed:
     """Read the header of a single safetensors file and name its parts and their layouts.
 
-    Raises KreaLiteError (one line) for a damaged file or one holding no FLUX part."""
+    Raises KreaLiteError (one line) for a damaged file or a layout krea-lite refuses; a file holding
+    no known part gives an empty `parts` (`Sniffed.part` says so)."""
     from .checkpoint import check_safetensors_header
     from .source import open_safetensors
 
     path = Path(path)
     if not path.is_file():
         raise KreaLiteError(f"{path} does not exist; check the path")
-    if path.suffix == ".gguf":
-        raise KreaLiteError(f"{path} is a GGUF file; this krea-lite reads GGUF transformers only as the source")
-    try:
-        check_safetensors_header(path)  # truncated data or a damaged header: one line before anything is read
-    except KreaLiteError as e:
-        raise KreaLiteError(f"{e}".replace("re-create or re-download", "re-download")) from None
-    with open_safetensors(path) as f:
+    if is_gguf(path):
+        raise KreaLiteError(f"{path} is a GGUF file, not safetensors; this krea-lite reads GGUF only as the "
+                            "transformer source")
+    with open_safetensors(path) as f:  # a damaged header: "truncated or not a safetensors file"
         keys = list(f.keys())
         metadata = dict(f.metadata() or {})
         dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
+    check_safetensors_header(path)  # data cut short or padded: one line now, not halfway through a conversion
     _refuse_other(path, keys)
     found: dict[str, str] = {}
     for role in ROLES:
@@ -153,7 +156,10 @@ def sniff_file(path: Path) -> Sniffed:
         part_dtypes = {k: dtypes[k] for k in mine}
         parts[role] = Part(role, prefix, _layout(role, path, mine, part_dtypes), tuple(mine),
                            dict(Counter(part_dtypes.values())))
-    if not parts:
-        raise KreaLiteError(f"{path} holds no FLUX transformer, T5-XXL, CLIP-L or FLUX autoencoder tensors "
-                            "(unknown key names); pass a FLUX.1 file")
     return Sniffed(path, parts, metadata)
+
+
+def is_gguf(path: Path) -> bool:
+    """GGUF files start with the magic b"GGUF" (safetensors with an 8-byte header length)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"

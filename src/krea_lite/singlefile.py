@@ -22,6 +22,7 @@ import torch
 
 from .errors import KreaLiteError
 from .formats import NF4_STATE, SCALE_INPUT, SCALE_WEIGHT, SCALED_FP8, Part, sniff_file
+from .source import SWAPPED, BflFile, Reader, bfl_layout, bfl_to_diffusers, open_safetensors
 
 NF4_NESTED_KEYS = ("nested_absmax", "nested_quant_map")
 
@@ -71,6 +72,7 @@ class Nf4:
     dtype: str  # what dequantizing gives ("bfloat16", "float16", ...)
     nested: dict | None = None  # {"absmax": fp32, "quant_map": fp32 (256,), "blocksize": int, "offset": float, "dtype"}
     source_dtype: str = "NF4"
+    flattened: bool = False  # its nested absmax was dequantized to fp32 (a cut through a nested block)
 
     def state(self):
         from .compat import bnb
@@ -108,7 +110,7 @@ class Nf4:
         state = self.state()
         absmax = bnb().functional.dequantize_blockwise(state.absmax, state.state2)
         absmax += state.offset
-        return replace(self, absmax=absmax.float(), nested=None)
+        return replace(self, absmax=absmax.float(), nested=None, flattened=True)
 
     def rows(self, start: int, stop: int) -> Nf4:
         cols = self.shape[1]
@@ -126,9 +128,12 @@ class Nf4:
         nested = None
         if part.nested:
             nb = part.nested["blocksize"]
-            nested = {**part.nested, "absmax": part.nested["absmax"][b0 // nb: -(-b1 // nb)].clone()}
+            nested = {**part.nested, "absmax": part.nested["absmax"][b0 // nb: -(-b1 // nb)].clone(),
+                      "quant_map": part.nested["quant_map"].clone()}
+        # every tensor its own copy: safetensors refuses to save tensors that share memory
         return replace(part, packed=part.packed[start * cols // 2: stop * cols // 2].clone(),
-                       absmax=part.absmax[b0:b1].clone(), shape=(stop - start, cols), nested=nested)
+                       absmax=part.absmax[b0:b1].clone(), quant_map=part.quant_map.clone(), shape=(stop - start, cols),
+                       nested=nested)
 
 
 def concat_rows(items: list, module: str):
@@ -220,8 +225,6 @@ def _quant_suffixes(layout: str) -> tuple[str, ...]:
 
 def read_transformer_header(path: Path) -> TransformerFile:
     """Parse and check a transformer single file's header: a complete FLUX transformer, scales present."""
-    from .source import bfl_layout
-
     part = sniff_file(path).part("transformer")
     prefix = part.prefix
     names = {k[len(prefix):]: k for k in part.keys}
@@ -270,15 +273,11 @@ def read_transformer_header(path: Path) -> TransformerFile:
 
 
 def _open(path: Path):
-    from .source import open_safetensors
-
     return open_safetensors(path)
 
 
 def iter_transformer(tf: TransformerFile) -> Iterator:
     """Items of a transformer file, one BFL tensor (and its parts) at a time."""
-    from .source import SWAPPED
-
     prefix = tf.part.prefix
     keys = set(tf.part.keys)
     with _open(tf.path) as f:
@@ -296,8 +295,6 @@ def iter_transformer(tf: TransformerFile) -> Iterator:
                          else torch.ones(w.shape[0], dtype=torch.float32))
                 yield from split_rows(Fp8(module, w, scale), parts, tf.hidden, swapped)
             else:
-                from .source import bfl_to_diffusers
-
                 t = _get(f, tf.path, key)
                 if t.dtype == torch.float8_e4m3fn:  # an fp8 bias or norm scale: plain values
                     t = t.to(torch.bfloat16)
@@ -381,3 +378,154 @@ def read_vae(path: Path, config: dict) -> tuple[dict[str, torch.Tensor], dict]:
                        "unconverted_tensors": max(0, len(state) - len(converted))}
 
 
+
+
+# ------------------------------------------------------------------------------------------- readers
+
+TRANSFORMER_FORMATS = {"fp8_scaled": "comfy-fp8_scaled", "fp8": "fp8", "nf4": "forge-nf4"}
+NATIVE = {"fp8_scaled": "fp8mm", "fp8": "fp8mm", "nf4": "nf4"}
+
+
+def _relative(item) -> dict[str, torch.Tensor]:
+    n = len(item.module) + 1
+    return {k[n:]: v for k, v in item.stored()}
+
+
+class _ItemReader:
+    """Reader methods shared by the item-based readers (mixed into source.Reader subclasses)."""
+
+    component = "transformer"
+
+    def _items(self) -> Iterator:
+        raise NotImplementedError
+
+    def _keep(self) -> tuple[str, ...]:
+        """Linears the native scheme keeps in bf16 (quantize's defaults): stored quantized, they are
+        dequantized (8-bit activations would otherwise run through them). NF4 computes in bf16 from the
+        dequantized weight anyway, so its Linears stay as stored."""
+        if self.native_scheme != "fp8mm":
+            return ()
+        from .quantize import keep_patterns
+
+        return keep_patterns(self.component, self.native_scheme, None)
+
+    def tensor_names(self) -> list[str]:
+        return [n for item in self._items() for n, _ in item.dequantized()]
+
+    def iter_tensors(self):
+        for item in self._items():
+            yield from item.dequantized()
+
+    def iter_native(self):
+        import fnmatch
+
+        keep = self._keep()
+        types: dict[str, int] = {}
+        dequantized, flattened = [], 0
+        for item in self._items():
+            if isinstance(item, Plain):
+                types[item.source_dtype] = types.get(item.source_dtype, 0) + 1
+                yield from item.dequantized()
+                continue
+            if any(fnmatch.fnmatchcase(item.module, p) for p in keep):
+                dequantized.append(item.module)
+                yield from item.dequantized()
+                continue
+            kind = "F8_E4M3 x per-tensor scale" if isinstance(item, Fp8) else (
+                "NF4 (nested absmax)" if item.nested else "NF4 (fp32 absmax)")
+            types[kind] = types.get(kind, 0) + 1
+            flattened += bool(getattr(item, "flattened", False))
+            yield item.module, _relative(item)
+        self._info = {"tensor_types": dict(sorted(types.items())), "dequantized_to_bf16": dequantized,
+                      **({"dequantize_reason": "kept bf16 by the scheme (quantize's keep list); stored quantized "
+                          "in the file"} if dequantized else {}),
+                      **({"nf4_absmax_flattened": flattened} if flattened else {}), **self._extra()}
+
+    def _extra(self) -> dict:
+        return {}
+
+    def native_info(self) -> dict:
+        return dict(getattr(self, "_info", {}))
+
+
+class TransformerReader(_ItemReader, Reader):
+    """A ComfyUI fp8_scaled (or plain fp8) or Forge NF4 FLUX transformer file, kept in its stored form."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.header = read_transformer_header(path)
+        self.format = TRANSFORMER_FORMATS[self.header.format]
+        self.native_scheme = NATIVE[self.header.format]
+
+    def tensor_names(self):
+        return [n for parts in self.header.layout.values() for n in parts]
+
+    def _items(self):
+        return iter_transformer(self.header)
+
+    def _extra(self):
+        return {"ignored_tensors": dict(self.header.extra)} if self.header.extra else {}
+
+
+class T5Reader(_ItemReader, Reader):
+    """ComfyUI's t5xxl_fp16 / t5xxl_fp8_e4m3fn(_scaled): transformers T5EncoderModel names."""
+
+    component = "text_encoder_2"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.header = read_text_header(path, "text_encoder_2")
+        self.format = {"float": "comfy-t5xxl", "fp8": "comfy-t5xxl-fp8", "fp8_scaled": "comfy-t5xxl-fp8_scaled"}[
+            self.header.format]
+        self.native_scheme = "fp8mm" if self.header.format != "float" else None
+
+    def _items(self):
+        tied = "shared.weight" in self.header.names  # the tied alias is stored once, as `shared`
+        for item in iter_text(self.header):
+            if not (tied and getattr(item, "name", None) == "encoder.embed_tokens.weight"):
+                yield item
+
+
+class ClipReader(_ItemReader, Reader):
+    """ComfyUI's clip_l.safetensors: CLIPTextModel names (`text_model.*`); the projection is dropped."""
+
+    component = "text_encoder"
+    format = "comfy-clip_l"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.header = read_text_header(path, "text_encoder")
+
+    def _items(self):
+        return iter_text(self.header)
+
+
+class VaeReader(Reader):
+    """BFL's ae.safetensors (LDM names), converted by diffusers' own convert_ldm_vae_checkpoint."""
+
+    format = "bfl-ae"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        part = sniff_file(path).part("vae")
+        levels = 1 + max(int(k[len(part.prefix):].split(".")[2]) for k in part.keys
+                         if k[len(part.prefix):].startswith("encoder.down."))
+        # the converter reads only the number of levels from the config
+        self.config = {"down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels}
+
+    def tensor_names(self):
+        return list(read_vae(self.path, self.config)[0])
+
+    def iter_tensors(self):
+        state, _ = read_vae(self.path, self.config)
+        for name in list(state):
+            t = state.pop(name)
+            yield name, t.to(torch.bfloat16) if t.is_floating_point() else t
+
+
+def reader_for(path: Path, component: str):
+    """The reader for `component` from a single file, chosen by its header (formats.sniff_file)."""
+    part = sniff_file(path).part(component)
+    if component == "transformer":
+        return BflFile(path) if part.layout == "bf16" else TransformerReader(path)
+    return {"text_encoder_2": T5Reader, "text_encoder": ClipReader, "vae": VaeReader}[component](path)
