@@ -296,6 +296,23 @@ def test_the_vae_writer_round_trips_through_diffusers_converter(comfy, tiny_sour
     assert all(torch.equal(converted[k], original[k]) for k in original)
 
 
+def test_a_bundle_checkpoint_gives_each_part_by_its_prefix(comfy, convert, tmp_path):
+    """Forge/ComfyUI "checkpoints" hold every part in one file, each under its own prefix."""
+    bundle = tmp_path / "bundle.safetensors"
+    state = dict(load_file(comfy["fp8_scaled"]))  # already under model.diffusion_model.
+    for kind, prefix in (("ae", "vae."), ("clip_l", "text_encoders.clip_l.transformer."),
+                         ("t5_fp8_scaled", "text_encoders.t5xxl.transformer.")):
+        state.update({prefix + k: v for k, v in load_file(comfy[kind]).items()})
+    save_file(state, bundle)
+    assert list(sniff_file(bundle).parts) == ["transformer", "text_encoder_2", "text_encoder", "vae"]
+    one = convert(bundle, t5=bundle, clip=bundle, vae=bundle)
+    separate = convert(comfy["fp8_scaled"], t5=comfy["t5_fp8_scaled"], clip=comfy["clip_l"], vae=comfy["ae"])
+    for comp in ("transformer", "text_encoder_2", "text_encoder", "vae"):
+        a = {k: v for f in sorted((one / comp).glob("*.safetensors")) for k, v in load_file(f).items()}
+        b = {k: v for f in sorted((separate / comp).glob("*.safetensors")) for k, v in load_file(f).items()}
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), comp
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
 

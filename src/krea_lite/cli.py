@@ -181,10 +181,10 @@ def cmd_synth(args) -> int:
     out = write_synthetic(Path(args.out), size=args.size, seed=args.seed, single_file=not args.no_single_file,
                           force=args.force)
     print(f"wrote synthetic ({args.size}, seed {args.seed}, random weights) FLUX pipeline to {out}")
-    if args.comfy:
+    if args.comfy is not None:
         from .synthetic_comfy import write_comfy_files
 
-        files = write_comfy_files(out, force=args.force)
+        files = write_comfy_files(out, force=args.force, kinds=tuple(args.comfy) or None)
         print(f"wrote its ComfyUI / Forge single files to {next(iter(files.values())).parent}: "
               + ", ".join(p.name for p in files.values()))
     return 0
@@ -365,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .plan import CUDA_CONTEXT_BYTES, GiB
     from .quantize import QuantizeConfig
     from .schemes import SCHEMES
+    from .synthetic_comfy import FILES as COMFY_FILES
 
     gen, qc, oc = GenerateConfig(), QuantizeConfig(), OutputConfig()
     context = f"{CUDA_CONTEXT_BYTES / GiB:.2f} GiB of CUDA context"
@@ -379,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = {"formatter_class": _Help, "parents": [debug]}
 
     q = sub.add_parser("quantize", **fmt, help="convert a source once into a small quantized folder")
-    q.add_argument("source", help="hub repo id, local diffusers folder, or flux1-krea-dev.safetensors")
+    q.add_argument("source", help="hub repo id, local diffusers folder, or a transformer single file "
+                   "(flux1-krea-dev.safetensors, ComfyUI *_fp8_scaled, Forge bnb-nf4; told apart by its header)")
     q.add_argument("--out", required=True, help="folder to create")
     q.add_argument("--transformer", default=qc.transformer, choices=list(SCHEMES),
                    help="scheme for the FLUX transformer (default: what a single file stores, kept as it is; else nf4)")
@@ -455,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     s.add_argument("--no-single-file", action="store_true", help="skip the BFL single-file transformer")
     s.add_argument("--force", action="store_true", help="replace an earlier synthetic folder")
-    s.add_argument("--comfy", action="store_true", help="also write its ComfyUI / Forge single files (fp8_scaled "
-                   "and NF4 transformers, t5xxl fp16 / fp8_scaled, clip_l, ae) to OUT-comfy/")
+    s.add_argument("--comfy", nargs="*", metavar="KIND", choices=list(COMFY_FILES),
+                   help="also write its ComfyUI / Forge single files to OUT-comfy/: all, or the KINDs named "
+                   f"({', '.join(COMFY_FILES)})")
     s.set_defaults(func=cmd_synth)
 
     pl = sub.add_parser("plan", **fmt, help="show where every weight would live for a VRAM budget")

@@ -294,6 +294,7 @@ def _write_component(src, component: str, dst: Path) -> dict:
                             "the file is incomplete or not FLUX.1's")
     writer.close()
     return {"scheme": "converted", "backend": None, "source_format": reader.format,
+            **({"source_tensors": info} if (info := reader.native_info()) else {}),
             "source_bytes": sum(p.stat().st_size for p in reader.files),
             "bytes": sum(p.stat().st_size for p in dst.iterdir())}
 

@@ -479,6 +479,10 @@ class T5Reader(_ItemReader, Reader):
             self.header.format]
         self.native_scheme = "fp8mm" if self.header.format != "float" else None
 
+    def _extra(self):
+        tied = "shared.weight" in self.header.names and "encoder.embed_tokens.weight" in self.header.names
+        return {"dropped": ["encoder.embed_tokens.weight (tied to shared.weight)"]} if tied else {}
+
     def _items(self):
         tied = "shared.weight" in self.header.names  # the tied alias is stored once, as `shared`
         for item in iter_text(self.header):
@@ -499,6 +503,9 @@ class ClipReader(_ItemReader, Reader):
     def _items(self):
         return iter_text(self.header)
 
+    def native_info(self):
+        return {"tensor_types": dict(sorted(self.header.part.dtypes.items())), "dropped": list(self.header.dropped)}
+
 
 class VaeReader(Reader):
     """BFL's ae.safetensors (LDM names), converted by diffusers' own convert_ldm_vae_checkpoint."""
@@ -512,6 +519,10 @@ class VaeReader(Reader):
                          if k[len(part.prefix):].startswith("encoder.down."))
         # the converter reads only the number of levels from the config
         self.config = {"down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels}
+        self.dtypes = dict(sorted(part.dtypes.items()))
+
+    def native_info(self):
+        return {"tensor_types": self.dtypes, "converter": "diffusers convert_ldm_vae_checkpoint"}
 
     def tensor_names(self):
         return list(read_vae(self.path, self.config)[0])

@@ -191,8 +191,9 @@ def _read_single_file(path: Path) -> _SingleFile:
         keys = [k for k in keys if k.startswith(prefix)]
         names = {k[len(prefix):]: k for k in keys}
         if any(n.endswith("scale_weight") or n == "scaled_fp8" for n in names):
-            raise KreaLiteError(f"{path} stores ComfyUI 'scaled fp8' weights, which krea-lite does not read; "
-                                "use the bf16 flux1-krea-dev.safetensors")
+            # open_file gives such files to singlefile.TransformerReader; read as plain floats they would lose
+            # their scales
+            raise KreaLiteError(f"{path} stores ComfyUI 'scaled fp8' weights: open it with source.open_file")
         if "img_in.weight" not in names or not any(n.startswith("double_blocks.") for n in names):
             raise KreaLiteError(f"{path} is not a FLUX transformer single file (no img_in / double_blocks.* "
                                 "tensors); pass flux1-krea-dev.safetensors or a diffusers folder")

@@ -203,7 +203,7 @@ def write_ae(folder: Path, path: Path) -> Path:
 
 
 def write_comfy_files(folder: str | Path, out: str | Path | None = None, double_quant: bool = False,
-                      force: bool = False) -> dict[str, Path]:
+                      force: bool = False, kinds: tuple[str, ...] | None = None) -> dict[str, Path]:
     """Write the ComfyUI/Forge single files of a synthetic folder into `out` (default `<folder>-comfy`).
 
     Args:
@@ -211,10 +211,14 @@ def write_comfy_files(folder: str | Path, out: str | Path | None = None, double_
         out: the folder to create; it appears only when complete.
         double_quant: the NF4 file with nested (double-quantized) absmax, like Forge's v1 file.
         force: replace an existing `out` written by this function.
+        kinds: which files (keys of FILES); default all (the full-size set is ~40 GB).
 
     Returns:
         {kind (a key of FILES): path}.
     """
+    kinds = tuple(FILES) if kinds is None else tuple(kinds)
+    if unknown := sorted(set(kinds) - set(FILES)):
+        raise KreaLiteError(f"unknown single-file kind {unknown[0]!r}: choose from {', '.join(FILES)}")
     from .source import SYNTHETIC_MARKER
 
     folder = Path(folder).expanduser().resolve()
@@ -229,12 +233,11 @@ def write_comfy_files(folder: str | Path, out: str | Path | None = None, double_
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_fp8_scaled(folder, tmp / FILES["fp8_scaled"])
-        write_nf4(folder, tmp / FILES["nf4"], double_quant=double_quant)
-        write_t5(folder, tmp / FILES["t5_fp16"], fp8=False)
-        write_t5(folder, tmp / FILES["t5_fp8_scaled"], fp8=True)
-        write_clip(folder, tmp / FILES["clip_l"])
-        write_ae(folder, tmp / FILES["ae"])
+        writers = {"fp8_scaled": write_fp8_scaled, "nf4": lambda f, p: write_nf4(f, p, double_quant=double_quant),
+                   "t5_fp16": lambda f, p: write_t5(f, p, fp8=False), "t5_fp8_scaled": lambda f, p: write_t5(f, p, fp8=True),
+                   "clip_l": write_clip, "ae": write_ae}
+        for kind in kinds:
+            writers[kind](folder, tmp / FILES[kind])
         (tmp / marker.name).write_text(json.dumps({"from": str(folder), "double_quant": double_quant}) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -242,4 +245,4 @@ def write_comfy_files(folder: str | Path, out: str | Path | None = None, double_
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {k: out / name for k, name in FILES.items()}
+    return {k: out / FILES[k] for k in kinds}
