@@ -319,7 +319,7 @@ def cmd_info(args) -> int:
     print(f"source: {origin}")
     print(f"{'component':<16}{'scheme':<10}{'quantized / kept':>18}{'size':>12}")
     for name, c in data["components"].items():
-        mods = f"{c['quantized_modules']} / {c['kept_modules']}" if c["scheme"] != "copied" else ""
+        mods = f"{c['quantized_modules']} / {c['kept_modules']}" if c["scheme"] not in ("copied", "converted") else ""
         print(f"{name:<16}{c['scheme']:<10}{mods:>18}{_size(c['bytes'] or 0):>12}")
     print(f"{'total':<44}{_size(data['bytes']):>12}")
     print(f"cards, for {width}x{height} images (plan for a card of N GiB; `krea-lite plan` shows one in full):")
