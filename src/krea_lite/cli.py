@@ -52,7 +52,7 @@ def cmd_quantize(args) -> int:
 
     config = QuantizeConfig(transformer=args.transformer, text_encoder=args.text_encoder,
                             keep=tuple(args.keep) if args.keep else None, base=args.base,
-                            revision=args.revision, device=args.device)
+                            revision=args.revision, device=args.device, t5=args.t5, clip=args.clip, vae=args.vae)
     out = quantize_pipeline(args.source, args.out, config, force=args.force, progress=not args.quiet)
     from .checkpoint import read_manifest
 
@@ -182,6 +182,12 @@ def cmd_synth(args) -> int:
     out = write_synthetic(Path(args.out), size=args.size, seed=args.seed, single_file=not args.no_single_file,
                           force=args.force, gguf=tuple(args.gguf))
     print(f"wrote synthetic ({args.size}, seed {args.seed}, random weights) FLUX pipeline to {out}")
+    if args.comfy is not None:
+        from .synthetic_comfy import write_comfy_files
+
+        files = write_comfy_files(out, force=args.force, kinds=tuple(args.comfy) or None)
+        print(f"wrote its ComfyUI / Forge single files to {next(iter(files.values())).parent}: "
+              + ", ".join(p.name for p in files.values()))
     return 0
 
 
@@ -314,7 +320,7 @@ def cmd_info(args) -> int:
     print(f"source: {origin}")
     print(f"{'component':<16}{'scheme':<10}{'quantized / kept':>18}{'size':>12}")
     for name, c in data["components"].items():
-        mods = f"{c['quantized_modules']} / {c['kept_modules']}" if c["scheme"] != "copied" else ""
+        mods = f"{c['quantized_modules']} / {c['kept_modules']}" if c["scheme"] not in ("copied", "converted") else ""
         print(f"{name:<16}{c['scheme']:<10}{mods:>18}{_size(c['bytes'] or 0):>12}")
     print(f"{'total':<44}{_size(data['bytes']):>12}")
     print(f"cards, for {width}x{height} images (plan for a card of N GiB; `krea-lite plan` shows one in full):")
@@ -360,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .plan import CUDA_CONTEXT_BYTES, GiB
     from .quantize import QuantizeConfig
     from .schemes import SCHEMES
+    from .synthetic_comfy import FILES as COMFY_FILES
 
     gen, qc, oc = GenerateConfig(), QuantizeConfig(), OutputConfig()
     context = f"{CUDA_CONTEXT_BYTES / GiB:.2f} GiB of CUDA context"
@@ -374,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = {"formatter_class": _Help, "parents": [debug]}
 
     q = sub.add_parser("quantize", **fmt, help="convert a source once into a small quantized folder")
-    q.add_argument("source", help="hub repo id, local diffusers folder, or flux1-krea-dev.safetensors")
+    q.add_argument("source", help="hub repo id, local diffusers folder, or a transformer single file "
+                   "(flux1-krea-dev.safetensors, ComfyUI *_fp8_scaled, Forge bnb-nf4; told apart by its header)")
     q.add_argument("--out", required=True, help="folder to create")
     q.add_argument("--transformer", default=qc.transformer, choices=list(SCHEMES),
                    help="scheme for the FLUX transformer (default: what a single file stores, kept as it is; else nf4)")
@@ -382,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scheme for T5-XXL (default: as for --transformer)")
     q.add_argument("--keep", nargs="+", metavar="PATTERN", help="module patterns left bf16 (replaces defaults)")
     q.add_argument("--base", help="for a single-file source: repo id or folder with the other components")
+    q.add_argument("--t5", metavar="FILE", help="T5-XXL from a single file (ComfyUI t5xxl_fp16 / t5xxl_fp8_e4m3fn"
+                   "[_scaled].safetensors); its config comes from --base")
+    q.add_argument("--clip", metavar="FILE", help="CLIP-L from a single file (clip_l.safetensors)")
+    q.add_argument("--vae", metavar="FILE", help="the VAE from a single file (BFL/ComfyUI ae.safetensors)")
     q.add_argument("--revision", help="hub revision (branch, tag or commit)")
     q.add_argument("--device", choices=["cpu", "cuda"], help="where to quantize (default: cuda if available)")
     q.add_argument("--force", action="store_true", help="replace --out if it is an earlier krea-lite folder (or empty)")
@@ -448,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an earlier synthetic folder")
     s.add_argument("--gguf", nargs="+", metavar="TYPE", default=[],
                    help="also write the transformer as flux1-krea-dev-TYPE.gguf (Q8_0, Q4_K, ..., BF16)")
+    s.add_argument("--comfy", nargs="*", metavar="KIND", choices=list(COMFY_FILES),
+                   help="also write its ComfyUI / Forge single files to OUT-comfy/: all, or the KINDs named "
+                   f"({', '.join(COMFY_FILES)})")
     s.set_defaults(func=cmd_synth)
 
     pl = sub.add_parser("plan", **fmt, help="show where every weight would live for a VRAM budget")

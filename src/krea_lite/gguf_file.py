@@ -23,21 +23,12 @@ from diffusers.quantizers.gguf.utils import GGML_QUANT_SIZES, GGUFParameter, deq
 from diffusers.quantizers.gguf.utils import GGUFLinear as DiffusersGGUFLinear
 
 from .errors import KreaLiteError
+from .formats import is_gguf  # noqa: F401  (re-exported: the format check lives with the others)
 from .source import _COMFY_PREFIX, SWAPPED, Reader, bfl_layout, swap_halves
 
-MAGIC = b"GGUF"
 FLOAT_TYPES = ("F32", "F16", "BF16")  # stored as bf16 tensors (kept modules)
 QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K")  # kept as GGUF
 ARCH = "flux"
-
-
-def is_gguf(path: Path) -> bool:
-    """True when the file starts with the GGUF magic (the format is read from the header, not the name)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == MAGIC
-    except OSError:
-        return False
 
 
 def _gguf():

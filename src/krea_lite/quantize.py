@@ -69,6 +69,9 @@ class QuantizeConfig:
         keep: module-name patterns (fnmatch) left in bf16, replacing the defaults of both
             components; a pattern that matches nothing in either is an error.
         base: for a single-file source, where the other components come from (repo id or folder).
+        t5, clip, vae: single files for T5-XXL, CLIP-L and the VAE (ComfyUI's t5xxl_fp16 /
+            t5xxl_fp8_e4m3fn(_scaled), clip_l, ae.safetensors), instead of the base's weights; the
+            configs still come from the base (or the source folder).
         revision: hub revision for a repo id source.
         device: where quantization runs ("cuda" or "cpu"); default cuda when available.
     """
@@ -79,6 +82,15 @@ class QuantizeConfig:
     base: str | None = None
     revision: str | None = None
     device: str | None = None
+    t5: str | None = None
+    clip: str | None = None
+    vae: str | None = None
+
+    @property
+    def files(self) -> dict[str, str]:
+        """{component: single file} for the components given as files."""
+        given = {"text_encoder_2": self.t5, "text_encoder": self.clip, "vae": self.vae}
+        return {c: str(p) for c, p in given.items() if p is not None}
 
     def __post_init__(self):
         for name in (self.transformer, self.text_encoder):
@@ -146,15 +158,16 @@ def scheme_for(src, component: str, asked: str | None) -> tuple[str, bool]:
     return name, stored is not None and name == stored
 
 
-def _check_tensor(src, component: str, name: str, shape, dtype, shapes: dict) -> None:
+def _check_tensor(who, component: str, name: str, shape, dtype, shapes: dict) -> None:
+    """`who`: the source id or single file named in the error."""
     if name not in shapes:
-        raise KreaLiteError(f"{src.id}: {component} tensor {name!r} is not part of FLUX.1's {component}; "
+        raise KreaLiteError(f"{who}: {component} tensor {name!r} is not part of FLUX.1's {component}; "
                             "is this the right model?")
     if tuple(shape) != tuple(shapes[name]):
-        raise KreaLiteError(f"{src.id}: {component} tensor {name!r} has shape {tuple(shape)}, config.json "
+        raise KreaLiteError(f"{who}: {component} tensor {name!r} has shape {tuple(shape)}, config.json "
                             f"expects {tuple(shapes[name])}; the weights do not match the config")
     if dtype is not None and not dtype.is_floating_point:
-        raise KreaLiteError(f"{src.id}: {component} tensor {name!r} has dtype {dtype}; expected floating "
+        raise KreaLiteError(f"{who}: {component} tensor {name!r} has dtype {dtype}; expected floating "
                             "point weights (bf16/fp16/fp32/fp8)")
 
 
@@ -170,20 +183,21 @@ def _convert(src, component: str, scheme, native: bool, patterns, out: Path, dev
     writer = ShardWriter(out, QUANTIZED[component])
     seen, stored_quantized = set(), []
     reader = src.reader(component)
+    who = reader.path if reader is not None else src.id
     if native:  # the source's own stored form, copied: no second quantization
         for name, value in reader.iter_native():
             if isinstance(value, dict):
                 if name not in linears:
-                    raise KreaLiteError(f"{src.id}: {component} holds a quantized {name!r}, which is not a Linear "
+                    raise KreaLiteError(f"{who}: {component} holds a quantized {name!r}, which is not a Linear "
                                         f"of FLUX.1's {component}; is this the right model?")
-                _check_tensor(src, component, f"{name}.weight", scheme.logical_shape(value), None, shapes)
+                _check_tensor(who, component, f"{name}.weight", scheme.logical_shape(value), None, shapes)
                 for key, t in value.items():
                     writer.add(f"{name}.{key}", t)
                 stored_quantized.append(name)
                 seen.add(canonical[f"{name}.weight"])
                 bar.update(sum(t.numel() * t.element_size() for t in value.values()))
                 continue
-            _check_tensor(src, component, name, value.shape, value.dtype, shapes)
+            _check_tensor(who, component, name, value.shape, value.dtype, shapes)
             writer.add(name, value.to(torch.bfloat16))
             seen.add(canonical[name])
             bar.update(value.numel() * value.element_size())
@@ -191,7 +205,7 @@ def _convert(src, component: str, scheme, native: bool, patterns, out: Path, dev
         quantized, kept = [n for n in linears if n in done], ([n for n in linears if n not in done] if done else [])
     else:
         for name, t in src.iter_tensors(component):
-            _check_tensor(src, component, name, t.shape, t.dtype, shapes)
+            _check_tensor(who, component, name, t.shape, t.dtype, shapes)
             module, _, leaf = name.rpartition(".")
             if leaf == "weight" and module in targets:
                 for key, value in scheme.quantize(t.to(device=device, dtype=torch.bfloat16)).items():
@@ -202,7 +216,7 @@ def _convert(src, component: str, scheme, native: bool, patterns, out: Path, dev
             bar.update(t.numel() * t.element_size())
     missing = sorted({canonical[n] for n in shapes} - seen)
     if missing:
-        raise KreaLiteError(f"{src.id}: {component} is missing {len(missing)} tensors (first: {missing[0]!r}); "
+        raise KreaLiteError(f"{who}: {component} is missing {len(missing)} tensors (first: {missing[0]!r}); "
                             "the download is incomplete or this is not FLUX.1")
     writer.close()
     qc = scheme.library_config(kept, component) if quantized else None
@@ -243,19 +257,44 @@ def _copy_component(src_dir: Path, dst: Path) -> dict:
     return {"scheme": "copied", "backend": None, "source_bytes": size, "bytes": size}
 
 
+def _copied_shapes(component: str, config: dict) -> dict[str, torch.Size]:
+    """Tensor shapes of CLIP-L (CLIPTextModel, names without `text_model.`) or the VAE, for `config`."""
+    if component == "vae":
+        from diffusers import AutoencoderKL
+
+        with torch.device("meta"):
+            model = AutoencoderKL.from_config(config)
+    else:
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        with torch.device("meta"):
+            model = CLIPTextModel(CLIPTextConfig.from_dict(config))
+    return {n: t.shape for n, t in model.state_dict().items() if not n.endswith("position_ids")}
+
+
 def _write_component(src, component: str, dst: Path) -> dict:
     """A copied component (CLIP, VAE) whose weights come from a single file: config.json from the base
     folder, the file's tensors (as bf16, under diffusers names) as a diffusers safetensors component."""
     from .source import WEIGHTS
 
     reader = src.reader(component)
+    who = reader.path
+    shapes = _copied_shapes(component, src.config(component))
     dst.mkdir(parents=True)
     shutil.copyfile(src.root / component / "config.json", dst / "config.json")
     writer = ShardWriter(dst, WEIGHTS[component])
+    seen = set()
     for name, t in reader.iter_tensors():
+        key = name.removeprefix("text_model.") if component == "text_encoder" else name
+        _check_tensor(who, component, key, t.shape, t.dtype, shapes)
         writer.add(name, t.to(torch.bfloat16))
+        seen.add(key)
+    if missing := sorted(set(shapes) - seen):
+        raise KreaLiteError(f"{reader.path}: {component} is missing {len(missing)} tensors (first: {missing[0]!r}); "
+                            "the file is incomplete or not FLUX.1's")
     writer.close()
     return {"scheme": "converted", "backend": None, "source_format": reader.format,
+            **({"source_tensors": info} if (info := reader.native_info()) else {}),
             "source_bytes": sum(p.stat().st_size for p in reader.files),
             "bytes": sum(p.stat().st_size for p in dst.iterdir())}
 
@@ -296,7 +335,8 @@ def quantize_pipeline(source: str | Path, out: str | Path, config: QuantizeConfi
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():  # before any download
         raise KreaLiteError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
-    local = tuple(Path(p).expanduser() for p in (source, config.base) if p and Path(p).expanduser().exists())
+    local = tuple(Path(p).expanduser() for p in (source, config.base, *config.files.values())
+                  if p and Path(p).expanduser().exists())
     refuse_overlap(out, local)  # before any download: a local source (or base) and --out must not overlap
     check_out_parent(out)
     with out_lock(out):  # one run per --out: a second one fails here instead of replacing the first
@@ -308,7 +348,7 @@ def _quantize_locked(source, out: Path, config: QuantizeConfig, device: str, for
     from .source import resolve_source
 
     refuse_existing(out, force)
-    src = resolve_source(str(source), base=config.base, revision=config.revision)
+    src = resolve_source(str(source), base=config.base, revision=config.revision, files=config.files)
     protect = (src.root,) + tuple(p for _, r in src.readers for p in r.files)
     needed = _estimate_bytes(src, config)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)

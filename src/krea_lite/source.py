@@ -191,8 +191,9 @@ def _read_single_file(path: Path) -> _SingleFile:
         keys = [k for k in keys if k.startswith(prefix)]
         names = {k[len(prefix):]: k for k in keys}
         if any(n.endswith("scale_weight") or n == "scaled_fp8" for n in names):
-            raise KreaLiteError(f"{path} stores ComfyUI 'scaled fp8' weights, which krea-lite does not read; "
-                                "use the bf16 flux1-krea-dev.safetensors")
+            # open_file gives such files to singlefile.TransformerReader; read as plain floats they would lose
+            # their scales
+            raise KreaLiteError(f"{path} stores ComfyUI 'scaled fp8' weights: open it with source.open_file")
         if "img_in.weight" not in names or not any(n.startswith("double_blocks.") for n in names):
             raise KreaLiteError(f"{path} is not a FLUX transformer single file (no img_in / double_blocks.* "
                                 "tensors); pass flux1-krea-dev.safetensors or a diffusers folder")
@@ -285,12 +286,12 @@ def open_file(path: Path, component: str = "transformer") -> Reader:
     path = Path(path).expanduser()
     if not path.is_file():
         raise KreaLiteError(f"{path} does not exist; pass the path of an existing {component} file")
-    if component == "transformer":
-        from .gguf_file import GGUFFile, is_gguf
+    from .gguf_file import GGUFFile, is_gguf
+    from .singlefile import reader_for
 
-        return GGUFFile(path.resolve()) if is_gguf(path) else BflFile(path.resolve())
-    raise KreaLiteError(f"{path}: krea-lite reads no single file for {component!r}; drop it and take the "
-                        "component from --base")
+    if component == "transformer" and is_gguf(path):
+        return GGUFFile(path.resolve())
+    return reader_for(path.resolve(), component)
 
 
 @dataclass(frozen=True)
@@ -363,7 +364,7 @@ class Source:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _check_pipeline_folder(root: Path, transformer_weights: bool = True) -> None:
+def _check_pipeline_folder(root: Path, transformer_weights: bool = True, from_files: tuple[str, ...] = ()) -> None:
     if not any(root.iterdir()):
         raise KreaLiteError(f"{root} is empty; pass a FLUX diffusers folder, a .safetensors file or a repo id")
     index = root / "model_index.json"
@@ -379,17 +380,20 @@ def _check_pipeline_folder(root: Path, transformer_weights: bool = True) -> None
     for component, prefix in WEIGHTS.items():
         if not (root / component / "config.json").is_file():
             raise KreaLiteError(f"{root / component / 'config.json'} is missing; re-download the component")
-        if component != "transformer" or transformer_weights:
+        if (component != "transformer" or transformer_weights) and component not in from_files:
             _weight_files(root / component, prefix)
 
 
-def _allow_patterns(transformer_weights: bool) -> list[str]:
-    patterns = ["model_index.json"] + [f"{c}/*" for c in COMPONENTS if c != "transformer"]
+def _allow_patterns(transformer_weights: bool, from_files: tuple[str, ...] = ()) -> list[str]:
+    # a component whose weights come from a single file: only its config.json is fetched
+    patterns = ["model_index.json"] + [f"{c}/config.json" if c in from_files else f"{c}/*"
+                                       for c in COMPONENTS if c != "transformer"]
     return patterns + (["transformer/*"] if transformer_weights else ["transformer/config.json"])
 
 
 def _snapshot(repo_id: str, revision: str | None, transformer_weights: bool, what: str | None = None,
-              instead: str = "pass a local diffusers folder", typed: bool = True) -> Path:
+              instead: str = "pass a local diffusers folder", typed: bool = True,
+              from_files: tuple[str, ...] = ()) -> Path:
     """The local snapshot folder of a hub repo (downloaded unless cached); errors as one line.
 
     `what` names the repo id where the hub has no such repo (default: "<id> is not a folder here
@@ -411,7 +415,8 @@ def _snapshot(repo_id: str, revision: str | None, transformer_weights: bool, wha
     check = "check the path or repo id, " if typed else ""
     login = f"accept the licence at https://huggingface.co/{repo_id} and run `hf auth login` or set HF_TOKEN"
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_allow_patterns(transformer_weights)))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_allow_patterns(transformer_weights,
+                                                                                      from_files)))
     except GatedRepoError:
         raise KreaLiteError(f"{repo_id} is gated and this account has no access: {login}") from None
     except RevisionNotFoundError:
@@ -436,7 +441,8 @@ def _snapshot(repo_id: str, revision: str | None, transformer_weights: bool, wha
 
 
 def _pipeline_root(spec: str, revision: str | None, transformer_weights: bool, what: str | None = None,
-                   instead: str = "pass a local diffusers folder", typed: bool = True) -> tuple[Path, str | None]:
+                   instead: str = "pass a local diffusers folder", typed: bool = True,
+                   from_files: tuple[str, ...] = ()) -> tuple[Path, str | None]:
     """(local pipeline folder, snapshot commit) for a repo id or folder (`what`, `instead`: see `_snapshot`)."""
     path = Path(spec).expanduser()
     if path.exists():
@@ -448,39 +454,51 @@ def _pipeline_root(spec: str, revision: str | None, transformer_weights: bool, w
                                 "local folder, used as it is; drop --revision")
         root, commit = path.resolve(), None
     elif _REPO_ID.match(spec):
-        root = _snapshot(spec, revision, transformer_weights, what, instead, typed)
+        root = _snapshot(spec, revision, transformer_weights, what, instead, typed, from_files)
         commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else revision
     else:
         raise KreaLiteError(f"{spec} does not exist; pass a diffusers folder, a .safetensors single file or a "
                             "Hugging Face repo id (owner/name)")
-    _check_pipeline_folder(root, transformer_weights)
+    _check_pipeline_folder(root, transformer_weights, from_files)
     return root, commit
 
 
-def resolve_source(spec: str, base: str | None = None, revision: str | None = None) -> Source:
+def resolve_source(spec: str, base: str | None = None, revision: str | None = None,
+                   files: dict[str, str] | None = None) -> Source:
     """Find a FLUX.1 pipeline and check it is complete, without reading any weights.
 
     Args:
-        spec: a Hugging Face repo id ("owner/name"), a local diffusers pipeline folder, or a BFL
-            single-file transformer (`flux1-krea-dev.safetensors`).
+        spec: a Hugging Face repo id ("owner/name"), a local diffusers pipeline folder, or a single-file
+            transformer (BFL `flux1-krea-dev.safetensors`, ComfyUI fp8_scaled, Forge NF4; told apart by
+            the file's header).
         base: for a single file: the repo id or folder the other components (and the transformer's
             config.json) come from; default `DEFAULT_REPO`. Refused for other sources.
         revision: hub branch, tag or commit for a repo id (of `spec`, or of `base` for a single file);
             refused for a local folder.
+        files: single files for other components, {"text_encoder_2" | "text_encoder" | "vae": path}
+            (ComfyUI's t5xxl_*, clip_l, ae); their configs still come from the pipeline folder.
 
     Returns:
         A `Source`. Raises KreaLiteError with one line naming the problem.
     """
     spec = str(spec)
+    files = {c: str(p) for c, p in (files or {}).items() if p is not None}
+    if unknown := sorted(set(files) - {"text_encoder_2", "text_encoder", "vae"}):
+        raise KreaLiteError(f"a single file for {unknown[0]!r}: only text_encoder_2 (--t5), text_encoder (--clip) "
+                            "and vae (--vae) are read from single files")
+    extra = tuple((c, open_file(Path(p), c)) for c, p in files.items())  # each fails now on a wrong file
+    from_files = tuple(files)
     path = Path(spec).expanduser()
     if path.is_file() or (not path.exists() and spec.endswith((".safetensors", ".gguf"))):
         reader = open_file(path, "transformer")  # fails now on a damaged or non-FLUX file
+        readers = (("transformer", reader), *extra)
         if base is None:  # the user typed no --base: say where the default came from
             what = (f"{path.name} holds only the transformer; the VAE, text encoders and tokenizers come from "
                     f"--base, by default {DEFAULT_REPO}, which")
             root, commit = _pipeline_root(DEFAULT_REPO, revision, transformer_weights=False, what=what,
-                                          instead="pass --base with a local diffusers folder of FLUX.1", typed=False)
-            return Source(id=spec, root=root, revision=commit, readers=(("transformer", reader),))
+                                          instead="pass --base with a local diffusers folder of FLUX.1", typed=False,
+                                          from_files=from_files)
+            return Source(id=spec, root=root, revision=commit, readers=readers)
         base = str(base)
         if Path(base).expanduser().is_file():
             raise KreaLiteError(f"--base {base} is a single file; pass a repo id or diffusers folder for the "
@@ -488,10 +506,10 @@ def resolve_source(spec: str, base: str | None = None, revision: str | None = No
         at = f" at revision {revision!r}" if revision else ""
         root, commit = _pipeline_root(base, revision, transformer_weights=False,
                                       what=f"--base {base} is not a folder here (no such path), and as a "
-                                           f"Hugging Face repo id{at} it")
-        return Source(id=spec, root=root, revision=commit, readers=(("transformer", reader),))
+                                           f"Hugging Face repo id{at} it", from_files=from_files)
+        return Source(id=spec, root=root, revision=commit, readers=readers)
     if base is not None:
         raise KreaLiteError(f"--base {base} is only used with a single-file source (.safetensors); {spec} is a "
                             "whole pipeline with its own components: drop --base")
-    root, commit = _pipeline_root(spec, revision, transformer_weights=True)
-    return Source(id=spec, root=root, revision=commit)
+    root, commit = _pipeline_root(spec, revision, transformer_weights=True, from_files=from_files)
+    return Source(id=spec, root=root, revision=commit, readers=extra)
