@@ -219,14 +219,20 @@ def _header(doc: dict) -> str:
             f"{doc['date'][:10]}; preset {doc['settings'].get('preset')}.")
 
 
+def _ratio_label(c: dict) -> str:
+    extra = (" + compile" if c.get("compile") else "") + (
+        f", {c['loras']} LoRAs r{c['lora_rank']} loaded" if c.get("loras") else "")
+    return f"{c['name']}{extra} {c['width']}x{c['height']}"
+
+
 def ratio_table(doc: dict) -> str:
-    """The interleaved ratio cells: per card, capped step / resident step of the same round."""
-    rows = []
+    """The interleaved ratio cells: per card, capped step / resident step of the same round, the physical
+    limit max(resident step, streamed bytes / host-to-device bandwidth), and the LoRA overheads."""
+    rows, lora_rows = [], []
     for c in doc["cells"]:
         if c["kind"] != "ratio" or not (r := c.get("metrics", {}).get("ratios")):
             if c["kind"] == "ratio" and c.get("status") != "ok":
-                rows.append(f"| {c['name']} {c['width']}x{c['height']} | {c['status']}: {(c.get('error') or '')[:80]} "
-                            "| | | | | | |")
+                rows.append(f"| {_ratio_label(c)} | {c['status']}: {(c.get('error') or '')[:80]} | | | | | | | |")
             continue
         for card in c["budgets"]:
             x = r.get(str(card))
@@ -234,16 +240,33 @@ def ratio_table(doc: dict) -> str:
                 continue
             target = f"≤ {x['target']:.2f}" + (" met" if x["met"] else " **missed**") if "target" in x else ""
             flag = " (spread wider than the margin)" if x.get("spread_wider_than_margin") else ""
-            rows.append(f"| {c['name']} {c['width']}x{c['height']} | {card:g} GiB | {x['ratio_median']:.3f} "
+            limit = (f"{x['physical_limit_s']:.4f} ({x['bound']}-bound), step {x['vs_physical_limit']:.2f}x"
+                     if "physical_limit_s" in x else "")
+            rows.append(f"| {_ratio_label(c)} | {card:g} GiB | {x['ratio_median']:.3f} "
                         f"({x['ratio_min']:.3f}–{x['ratio_max']:.3f}, {x['rounds']} rounds) | {target}{flag} | "
-                        f"{x['s_per_step']:.4f} vs {r['resident_s_per_step']:.4f} | {x['peak_reserved_gib']} | "
+                        f"{x['s_per_step']:.4f} vs {r['resident_s_per_step']:.4f} | {limit} | {x['peak_reserved_gib']} | "
                         f"{x['copy_wait_ms_per_step']} | {x['alloc_retries']} |")
-    if not rows:
-        return ""
-    return ("Interleaved streamed/resident step ratios (one process, resident and each card taking turns; "
-            "median, min–max over rounds):\n\n"
-            "| model | card | ratio (min–max) | target | s/step vs resident | peak reserved GiB | copy wait ms/step "
-            "(max) | allocator retries |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+        for variant, per_card in sorted((k, v) for k, v in r.items() if k.startswith("lora+")):
+            for card, x in per_card.items():
+                if x:
+                    where = "resident" if card == "None" else f"{float(card):g} GiB"
+                    lora_rows.append(f"| {c['name']}{' + compile' if c.get('compile') else ''} | {where} | "
+                                     f"{variant.removeprefix('lora+lora')} of {c['loras']} (rank {c['lora_rank']}) | "
+                                     f"{x['ratio_median']:.3f} ({x['ratio_min']:.3f}–{x['ratio_max']:.3f}, "
+                                     f"{x['rounds']} rounds) |")
+    out = []
+    if rows:
+        out.append("Interleaved streamed/resident step ratios (one process, resident and each card taking turns; "
+                   "median, min–max over rounds; physical limit = max(resident step, streamed bytes / measured "
+                   "host-to-device bandwidth)):\n\n"
+                   "| model | card | ratio (min–max) | target | s/step vs resident | physical limit s/step | "
+                   "peak reserved GiB | copy wait ms/step (max) | allocator retries |\n"
+                   "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    if lora_rows:
+        out.append("LoRA overhead (same process, interleaved: each card's step with the LoRAs active over the same "
+                   "round's step with them loaded but disabled):\n\n"
+                   "| base | card | LoRAs active | step ratio (min–max) |\n|---|---|---|---|\n" + "\n".join(lora_rows))
+    return "\n\n".join(out)
 
 
 def render_section(doc: dict, plot_prefix: str) -> str:
