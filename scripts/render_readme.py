@@ -31,14 +31,16 @@ def _bench():
 
 
 def latest_json(results: Path) -> Path:
-    """The committed result JSON with the newest run date (any JSON there when git has none)."""
+    """The committed result JSON (in `results` itself, not its log folders) with the newest `krea-lite bench`
+    run date (any JSON there when git has none)."""
     try:
         out = subprocess.run(["git", "ls-files", "--", "*.json"], cwd=results, capture_output=True, text=True,
                              timeout=30)
         files = [results / f for f in out.stdout.split()] if out.returncode == 0 else []
     except (OSError, subprocess.SubprocessError):
         files = []
-    files = [f for f in files if f.exists()] or sorted(results.glob("*.json"))
+    files = [f for f in files if f.exists() and f.parent == results] or sorted(results.glob("*.json"))
+    files = [f for f in files if json.loads(f.read_text()).get("tool") == "krea-lite bench"] or files
     if not files:
         raise SystemExit(f"error: no benchmark JSON in {results}; run `krea-lite bench --out {results}/NAME.json`")
     return max(files, key=lambda f: (json.loads(f.read_text()).get("date", ""), f.name))

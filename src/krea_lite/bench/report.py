@@ -238,7 +238,8 @@ def ratio_table(doc: dict) -> str:
             x = r.get(str(card))
             if not x:
                 continue
-            target = f"≤ {x['target']:.2f}" + (" met" if x["met"] else " **missed**") if "target" in x else ""
+            on = " x limit" if x.get("target_on") == "vs_physical_limit" else ""
+            target = f"≤ {x['target']:.2f}{on}" + (" met" if x["met"] else " **missed**") if "target" in x else ""
             flag = " (spread wider than the margin)" if x.get("spread_wider_than_margin") else ""
             limit = (f"{x['physical_limit_s']:.4f} ({x['bound']}-bound), step {x['vs_physical_limit']:.2f}x"
                      if "physical_limit_s" in x else "")
