@@ -11,6 +11,9 @@
 #   micro      benchmarks/w8a8_micro.py: bf16 / fp8mm / int8mm eager and compiled, torchao fp8 compiled (resident)
 #   ratio8     interleaved ratios for fp8mm + --compile, cards 8 6 4 (SCHEMES must have made full-fp8mm)
 #   lora       interleaved LoRA overhead: fp8mm + compile and nf4 eager, resident and 8 GiB, 1 and 3 rank-64 LoRAs
+#   gguf       benchmarks/gguf_check.py: a Q8_0 (GGUF_TYPES) .gguf written from the synthetic folder, converted (time,
+#              RSS), our kept blocks against diffusers' GGUF loader at 1024² (rel. error, s/step).
+#              Disk: synth 34 GB + a Q8_0 .gguf 12.7 GB + its folder 12.7 GB: run it on a fresh machine (64 GB).
 #   gen8       generate --compile --vram-gb 8 on fp8mm twice (the second process finds the compile cache warm),
 #              then NF4 at 8 GiB uncompiled, and fp8mm with a LoRA: 28 steps 1024², text encoding and decode included
 # Re-running skips what /tmp/krea already holds; the bench resumes /tmp/krea/bench/bench.json and stops
@@ -19,7 +22,7 @@ set -uo pipefail
 START=$(date +%s)
 OUT=${OUT:-/tmp/krea-out}; W=/tmp/krea; mkdir -p "$OUT" "$W/bench" "$W/ratio" "$W/ratio8"
 bash .whl/install.sh || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 KREA_LITE_COMMIT=${KREA_LITE_COMMIT:-unknown} PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 stages=${*:-synth quantize tests generate bench}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 for s in $stages; do
@@ -59,6 +62,8 @@ for s in $stages; do
              --verbose --quiet --steps 28 --seed 1 --lora /tmp/krea-lite-bench-loras/lora-full-r64-s0.safetensors \
              --out $W/png8 "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/gen8-fp8mm-lora.log" | tail -12
           ls -la $W/png8 | tail -5 ;;
+    gguf) timeout 580 python3 benchmarks/gguf_check.py --synthetic $W/full --types ${GGUF_TYPES:-Q8_0} --out-root $W/gq \
+             --json "$OUT/gguf-check.json" 2>&1 | tail -12 ;;
     mutations) timeout 420 python3 scripts/mutations.py 2>&1 | tee "$OUT/mutations.log" | tail -10 ;;
     generate) python3 -m krea_lite.cli --debug generate --model $W/q/full-nf4 --vram-gb ${VRAM:-8} --verbose --quiet \
              --steps ${STEPS:-28} --out $W/png "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/generate.log" | tail -30 ;;

@@ -88,3 +88,17 @@ def test_a_native_tensor_for_no_flux_linear_is_one_line_and_leaves_nothing(tiny_
         _run(monkeypatch, src, tmp_path / "bad", QuantizeConfig(device="cpu"))
     assert "\n" not in str(e.value)
     assert not (tmp_path / "bad").exists()
+
+
+def test_transformer_auto_picks_what_the_card_runs_and_says_why(tiny_source, tmp_path, capsys):
+    from krea_lite.cli import main
+
+    out = tmp_path / "auto"
+    assert main(["quantize", str(tiny_source), "--out", str(out), "--transformer", "auto", "--device", "cpu",
+                 "--quiet"]) == 0
+    said = capsys.readouterr().out
+    t = json.loads((out / MANIFEST).read_text())["components"]["transformer"]
+    assert t["scheme"] == "nf4" and "auto" in said  # the CPU has no 8-bit matmul: the smallest weights
+    assert t["chosen_by"].startswith("--transformer auto on the CPU: no 8-bit matmul runs here")
+    assert main(["plan", "--model", str(out), "--vram-gb", "8"]) == 0
+    assert "transformer scheme nf4, chosen by --transformer auto on the CPU" in capsys.readouterr().out

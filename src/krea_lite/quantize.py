@@ -55,6 +55,7 @@ W8A8_T5_KEEP_REASON = ("T5 casts `wo`'s input to `wo`'s weight dtype (fp8 would 
                        "carries T5's largest activation outliers (per-token 8-bit would clip them)")
 QUANTIZED = {"transformer": "diffusion_pytorch_model", "text_encoder_2": "model"}
 DEFAULT_SCHEME = "nf4"  # for a component whose source stores plain floats
+AUTO = "auto"  # --transformer auto: see QuantizeConfig
 COPIED = ("text_encoder", "vae", "tokenizer", "tokenizer_2", "scheduler")
 
 
@@ -64,7 +65,9 @@ class QuantizeConfig:
 
     Args:
         transformer: scheme for the FLUX transformer (see `krea_lite.schemes.SCHEMES`); None: what a
-            single-file source stores, kept as it is (GGUF, ComfyUI fp8, Forge NF4), else "nf4".
+            single-file source stores, kept as it is (GGUF, ComfyUI fp8, Forge NF4), else "nf4"; "auto":
+            the 8-bit-matmul scheme the quantizing GPU runs natively (`w8a8.native_scheme`: fp8mm on
+            compute capability 8.9+, int8mm on 8.0+, else nf4), or a single file's own form.
         text_encoder: scheme for the T5-XXL text encoder (CLIP-L is small and stays bf16); None as above.
         keep: module-name patterns (fnmatch) left in bf16, replacing the defaults of both
             components; a pattern that matches nothing in either is an error.
@@ -93,7 +96,7 @@ class QuantizeConfig:
         return {c: str(p) for c, p in given.items() if p is not None}
 
     def __post_init__(self):
-        for name in (self.transformer, self.text_encoder):
+        for name in (self.transformer if self.transformer != AUTO else None, self.text_encoder):
             if name is not None:
                 get_scheme(name)
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
@@ -311,6 +314,13 @@ def _estimate_bytes(src, config: QuantizeConfig) -> int:
     return total
 
 
+def _device_name(device: str) -> str:
+    if not str(device).startswith("cuda"):
+        return "the CPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+
+
 def _size(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -349,6 +359,20 @@ def _quantize_locked(source, out: Path, config: QuantizeConfig, device: str, for
 
     refuse_existing(out, force)
     src = resolve_source(str(source), base=config.base, revision=config.revision, files=config.files)
+    chosen = None
+    if config.transformer == AUTO:
+        from dataclasses import replace
+
+        from .w8a8 import native_scheme
+
+        reader = src.reader("transformer")
+        if reader is not None and reader.native_scheme:
+            name, why = reader.native_scheme, f"the source file stores {reader.native_scheme}; kept as it is"
+        else:
+            name, why = native_scheme(device)
+        chosen = f"--transformer auto on {_device_name(device)}: {why}"
+        print(f"krea-lite: --transformer auto chose {name} ({why})", flush=True)
+        config = replace(config, transformer=name)
     protect = (src.root,) + tuple(p for _, r in src.readers for p in r.files)
     needed = _estimate_bytes(src, config)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
@@ -388,6 +412,8 @@ def _quantize_locked(source, out: Path, config: QuantizeConfig, device: str, for
                     patterns = keep_patterns(component, scheme_name, config.keep)
                     components[component] = _convert(src, component, get_scheme(scheme_name), native, patterns,
                                                      tmp / component, device, bar)
+                    if component == "transformer" and chosen:
+                        components[component]["chosen_by"] = chosen
             for component in COPIED:
                 components[component] = (_write_component(src, component, tmp / component)
                                          if src.reader(component) is not None
