@@ -298,3 +298,24 @@ def test_synth_writes_gguf_files(tmp_path):
         assert {t.tensor_type.name for t in reader.tensors} <= {kind, "F16", "F32"}
     assert main(["synth", str(tmp_path / "t"), "--gguf", "Q9_X"]) == 2
     assert not (tmp_path / "t").exists()
+
+
+def test_keep_and_the_gguf_scheme_are_refused_where_they_cannot_apply(files, tiny_source, tmp_path):
+    with pytest.raises(KreaLiteError, match=r"--keep applies when krea-lite quantizes") as e:
+        quantize_pipeline(files("Q4_K"), tmp_path / "k", QuantizeConfig(keep=("x_embedder",), base=str(tiny_source),
+                                                                       device="cpu"), progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "k").exists()
+    with pytest.raises(KreaLiteError, match=r"--text-encoder gguf keeps the blocks of a FLUX .gguf source"):
+        quantize_pipeline(files("Q4_K"), tmp_path / "g", QuantizeConfig(text_encoder="gguf", base=str(tiny_source),
+                                                                       device="cpu"), progress=False)
+    assert not (tmp_path / "g").exists()
+
+
+def test_the_disk_estimate_covers_a_converted_gguf(folders, files, tiny_source):
+    from krea_lite.quantize import _estimate_bytes
+
+    src = resolve_source(str(files("Q4_K")), base=str(tiny_source))
+    out = folders("Q4_K", "bf16")  # dequantized: four times the file's bytes
+    written = sum(p.stat().st_size for p in (out / "transformer").iterdir())
+    estimate = _estimate_bytes(src, QuantizeConfig(transformer="bf16", text_encoder="bf16"))
+    assert estimate >= written > 2 * files("Q4_K").stat().st_size

@@ -671,3 +671,22 @@ def test_full_size_bfl_control_lora_is_refused_before_conversion(tmp_path):
     with pytest.raises(KreaLiteError, match="is a FLUX Control LoRA") as e:  # ... krea-lite refuses it up front
         L.read_lora_file(path)
     assert "\n" not in str(e.value)
+
+
+def test_loras_that_do_not_fit_the_placement_are_removed_again(bf16, files, inputs, monkeypatch):
+    """When the re-plan for the new adapters fails (they do not fit the budget), nothing of them stays."""
+    from krea_lite import pipeline
+
+    L.use_loras(bf16, [files["a"]])
+    before = out(bf16, inputs)
+
+    def no_room(pipe):
+        raise KreaLiteError("the VRAM budget of 1.00 GiB is too small")
+
+    monkeypatch.setattr(pipeline, "fit_adapters", no_room)
+    with pytest.raises(KreaLiteError, match=r"LoRA adapters do not fit .* they were not kept") as e:
+        L.use_loras(bf16, [files["a"], files["b"]], keep_loaded=True)
+    assert "\n" not in str(e.value)
+    assert [r.path for r in L.active_loras(bf16)] == [files["a"]]
+    assert len(bf16.transformer.peft_config) == 1
+    assert torch.equal(out(bf16, inputs), before)

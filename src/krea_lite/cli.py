@@ -257,8 +257,9 @@ def _scheme_line(folder) -> str:
 
         from .w8a8 import check_folder
 
-        why = check_folder(manifest, "cuda" if torch.cuda.is_available() else "cpu")
-        line += ("; here it computes by dequantizing (" + "; ".join(why) + ")" if why else
+        why = [w.partition(": ")[2] for w in check_folder(manifest, "cuda" if torch.cuda.is_available() else "cpu")
+               if w.startswith("transformer: ")]
+        line += ("; here it computes by dequantizing (see above)" if why else
                  "; its 8-bit kernel runs here: generate with --compile (eager 8-bit steps measured 1.27x (fp8mm) and "
                  "2.1x (int8mm) bf16's on an H200, compiled 0.58x and 0.82x)")
     return line

@@ -168,7 +168,10 @@ class GGUFFile(Reader):
         self.shapes: dict[str, tuple[int, ...]] = {}  # BFL key -> torch (logical) shape
         for n, key in names.items():
             t = tensors[key]
-            self.types[n] = qtype(int(t.tensor_type)).name
+            try:
+                self.types[n] = qtype(int(t.tensor_type)).name
+            except KreaLiteError as e:
+                raise KreaLiteError(f"{path}: tensor {key!r}: {e}") from None
             self.shapes[n] = tuple(int(d) for d in reversed(t.shape.tolist()))
             if self.types[n] in QUANT_TYPES and len(self.shapes[n]) != 2:
                 raise KreaLiteError(f"{path}: tensor {key!r} is {self.types[n]}-quantized with shape "

@@ -640,15 +640,29 @@ def use_loras(pipe, loras: Sequence[LoraSpec | str | Path | tuple], keep_loaded:
         for n in unused:
             reg.pop(n, None)
     _set_active(pipe, [(r.adapter, r.scale) for r in out])
-    _fit(pipe)
+    _fit(pipe, loaded, previous)
     return out
 
 
-def _fit(pipe) -> None:
-    """A placed pipeline plans again for the adapters' bytes (resident beside the streamed blocks)."""
+def _fit(pipe, loaded: Sequence[str] = (), previous: Sequence[tuple[str, float]] = ()) -> None:
+    """A placed pipeline plans again for the adapters' bytes (resident beside the streamed blocks). When they
+    do not fit, the adapters just `loaded` are removed again, the `previous` ones made active, and one line
+    says so."""
     from .pipeline import fit_adapters
 
-    fit_adapters(pipe)
+    try:
+        fit_adapters(pipe)
+    except KreaLiteError as e:
+        if not loaded:
+            raise
+        reg = _registry(pipe)
+        for name in reversed(loaded):
+            _remove_adapter(pipe, name)
+            reg.pop(name, None)
+        if _adapters(pipe):
+            _set_active(pipe, [p for p in previous if p[0] in _adapters(pipe)])
+        raise KreaLiteError(f"the LoRA adapters do not fit this pipeline's memory budget beside the model ({e}); "
+                            "they were not kept: use fewer or lower-rank LoRAs, or a larger vram_gb") from None
 
 
 def _load_one(pipe, match: LoraMatch, name: str) -> None:
@@ -686,11 +700,13 @@ def load_lora(pipe, path: str | Path | LoraSpec, scale: float = 1.0, adapter_nam
                                    "adapter_name or delete_adapters it first")
         guard_fuse(pipe)
         _load_one(pipe, match, name)
-        existing = _loaded(name, spec, match)
+        existing, new = _loaded(name, spec, match), [name]
+    else:
+        new = []
     rec = replace(existing, path=spec.path, scale=spec.scale)
     reg[rec.adapter] = rec
     _set_active(pipe, [p for p in previous if p[0] != rec.adapter] + [(rec.adapter, rec.scale)])
-    _fit(pipe)
+    _fit(pipe, new, previous)
     return rec
 
 

@@ -220,9 +220,9 @@ def fit_adapters(pipe) -> bool:
         info.placement.plan = fresh
         pipe.krea_lite = replace(info, plan=fresh)
         return False
-    print(f"krea-lite: LoRA adapters ({now / 2**20:.0f} MiB, resident) no longer fit the placement; placing "
-          f"the pipeline again ({len(fresh.streamed_double) + len(fresh.streamed_single)} blocks streamed)",
-          flush=True)
+    why = ("no longer fit the placement" if now > plan.sizes.adapters else "leave room for more resident blocks")
+    print(f"krea-lite: LoRA adapters ({now / 2**20:.0f} MiB, resident) {why}; placing the pipeline again "
+          f"({len(fresh.streamed_double) + len(fresh.streamed_single)} blocks streamed)", flush=True)
     place(pipe, fresh)
     return True
 

@@ -222,7 +222,8 @@ def _convert(src, component: str, scheme, native: bool, patterns, out: Path, dev
         raise KreaLiteError(f"{who}: {component} is missing {len(missing)} tensors (first: {missing[0]!r}); "
                             "the download is incomplete or this is not FLUX.1")
     writer.close()
-    qc = scheme.library_config(kept, component) if quantized else None
+    skip = [m for m in kept if m != "proj_out"] if native and scheme.backend == "bitsandbytes" else kept
+    qc = scheme.library_config(skip, component) if quantized else None
     (out / "config.json").write_text(json.dumps({**config, **({"quantization_config": qc} if qc else {})}, indent=2))
     stored_in = reader.native_scheme if reader is not None else None
     return {
@@ -303,12 +304,21 @@ def _write_component(src, component: str, dst: Path) -> dict:
 
 
 def _estimate_bytes(src, config: QuantizeConfig) -> int:
+    """Bytes the folder will take: a kept native form as stored; otherwise every weight of the component
+    (counted on the meta model, whatever the source stores) at the scheme's bits; copied files as they are,
+    single-file CLIP/VAE in bf16."""
     total = 0
     for component, asked in (("transformer", config.transformer), ("text_encoder_2", config.text_encoder)):
-        src_bytes = sum(p.stat().st_size for p in src.files(component))
         name, native = scheme_for(src, component, asked)
-        total += src_bytes if native else int(src_bytes * get_scheme(name).bits / 16)
+        if native:
+            total += sum(p.stat().st_size for p in src.files(component))
+            continue
+        numel = sum(t.numel() for t in build_meta(component, src.config(component)).state_dict().values())
+        total += int(numel * get_scheme(name).bits / 8)
     for component in COPIED:
+        if (reader := src.reader(component)) is not None:
+            total += 2 * sum(p.stat().st_size for p in reader.files)  # fp8 -> bf16 at most doubles
+            continue
         d = src.root / component
         total += sum(p.stat().st_size for p in d.iterdir() if p.is_file()) if d.is_dir() else 0
     return total
@@ -374,6 +384,15 @@ def _quantize_locked(source, out: Path, config: QuantizeConfig, device: str, for
         print(f"krea-lite: --transformer auto chose {name} ({why})", flush=True)
         config = replace(config, transformer=name)
     protect = (src.root,) + tuple(p for _, r in src.readers for p in r.files)
+    for component, asked in (("transformer", config.transformer), ("text_encoder_2", config.text_encoder)):
+        name, native = scheme_for(src, component, asked)
+        if get_scheme(name).backend == "gguf" and not native:
+            raise KreaLiteError(f"--{'transformer' if component == 'transformer' else 'text-encoder'} gguf keeps the "
+                                "blocks of a FLUX .gguf source; it cannot quantize other weights: choose another scheme")
+        if native and config.keep is not None:
+            raise KreaLiteError(f"--keep applies when krea-lite quantizes; {src.files(component)[0].name} is kept as "
+                                f"it stores its {component} ({name}): drop --keep, or pass --transformer/--text-encoder "
+                                "SCHEME to convert it")
     needed = _estimate_bytes(src, config)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.resolve().parent).free

@@ -515,8 +515,11 @@ class VaeReader(Reader):
     def __init__(self, path: Path):
         super().__init__(path)
         part = sniff_file(path).part("vae")
-        levels = 1 + max(int(k[len(part.prefix):].split(".")[2]) for k in part.keys
-                         if k[len(part.prefix):].startswith("encoder.down."))
+        levels = 1 + max((int(k[len(part.prefix):].split(".")[2]) for k in part.keys
+                          if k[len(part.prefix):].startswith("encoder.down.")), default=-1)
+        if levels == 0:
+            raise KreaLiteError(f"{path} has no VAE encoder (encoder.down.* tensors); pass the whole ae.safetensors "
+                                "as --vae")
         # the converter reads only the number of levels from the config
         self.config = {"down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels}
         self.dtypes = dict(sorted(part.dtypes.items()))
