@@ -690,3 +690,13 @@ def test_loras_that_do_not_fit_the_placement_are_removed_again(bf16, files, inpu
     assert [r.path for r in L.active_loras(bf16)] == [files["a"]]
     assert len(bf16.transformer.peft_config) == 1
     assert torch.equal(out(bf16, inputs), before)
+
+
+def test_plan_with_lora_shows_the_adapters_resident(quantized, files, capsys):
+    from krea_lite.cli import main
+
+    assert main(["plan", "--model", str(quantized("nf4")), "--vram-gb", "8", "--lora", f"{files['b']}:0.5"]) == 0
+    table = capsys.readouterr().out
+    assert "LoRA adapters (never streamed)" in table
+    assert main(["plan", "--model", str(quantized("nf4")), "--vram-gb", "8"]) == 0
+    assert "LoRA adapters" not in capsys.readouterr().out

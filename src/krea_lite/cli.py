@@ -209,12 +209,12 @@ def _plan_inputs(args):
     return args.width, args.height, batch
 
 
-def _measure(folder):
+def _measure(folder, loras=()):
     from .pipeline import load_pipeline
     from .plan import measure
 
     _no_loading_bars()  # the table is the output
-    return measure(load_pipeline(folder, device="cpu", verify="none"))
+    return measure(load_pipeline(folder, device="cpu", verify="none", loras=loras))
 
 
 def _plan_dict(plan, vram_gb) -> dict:
@@ -234,7 +234,9 @@ def cmd_plan(args) -> int:
     _check_vram_gb(args.vram_gb)
     width, height, batch = _plan_inputs(args)
     budget = None if args.vram_gb is None else card_budget(args.vram_gb)
-    sizes = _measure(args.model)
+    from .lora import lora_specs
+
+    sizes = _measure(args.model, lora_specs(args.lora))
     if budget is None and not torch.cuda.is_available():
         print("note: no CUDA GPU here, so this plan has no memory limit; give --vram-gb N to plan for a card "
               "of N GiB", file=sys.stderr)
@@ -497,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--height", type=int, default=gen.height, help=f"largest image height ({side})")
     pl.add_argument("--batch", type=int, default=1, help=f"images per call, 1 to {MAX_BATCH}")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON (bytes, block indices)")
+    pl.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                    help="plan with these LoRAs loaded (their factors stay on the GPU); repeatable, as for generate")
     pl.set_defaults(func=cmd_plan)
 
     b = sub.add_parser("bench", **fmt, help="measure memory, speed and fidelity side by side")
