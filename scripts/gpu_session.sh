@@ -10,7 +10,8 @@
 #   mutations  scripts/mutations.py: each wait/event/sync of the engine removed in turn must fail a GPU test
 #   micro      benchmarks/w8a8_micro.py: bf16 / fp8mm / int8mm eager and compiled, torchao fp8 compiled (resident)
 #   ratio8     interleaved ratios for fp8mm + --compile, cards 8 6 4 (SCHEMES must have made full-fp8mm)
-#   lora       interleaved LoRA overhead: fp8mm + compile and nf4 eager, resident and 8 GiB, 1 and 3 rank-64 LoRAs
+#   lora       interleaved LoRA overhead: fp8mm + compile and nf4 eager, resident and 8 GiB, 1 and 3 rank-64 LoRAs,
+#              peft's side branch and lora.fused_side_branch (LoRA on fp8mm is refused: run LORA_ONLY=nf4)
 #   gguf       benchmarks/gguf_check.py: a Q8_0 (GGUF_TYPES) .gguf written from the synthetic folder, converted (time,
 #              RSS), our kept blocks against diffusers' GGUF loader at 1024² (rel. error, s/step).
 #              Disk: synth 34 GB + a Q8_0 .gguf 12.7 GB + its folder 12.7 GB: run it on a fresh machine (64 GB).
@@ -50,7 +51,7 @@ for s in $stages; do
     lora) specs=("fp8mm --compile" "nf4"); [ -n "${LORA_ONLY:-}" ] && specs=("$LORA_ONLY")
           for spec in "${specs[@]}"; do set -- $spec; python3 -m krea_lite.bench \
              --workdir $W/qb --models $1=$W/q/full-$1 --schemes $1 --budgets none 8 --resolutions 1024x1024 --batches 1 \
-             --steps 4 --warmup 2 --e2e-steps 0 --interleave 3 ${2:-} --loras 3 --lora-rank 64 --anchors --time-budget 0 \
+             --steps 4 --warmup 2 --e2e-steps 0 --interleave 3 ${2:-} --loras 3 --lora-rank 64 --lora-fused --anchors --time-budget 0 \
              --cell-timeout ${LORA_TIMEOUT:-500} --out $W/lora-$1/ratio.json 2>&1 | tee "$OUT/lora-$1.log" | grep -E "ratio|\|" | tail -20
              cp $W/lora-$1/ratio.json "$OUT/lora-$1.json"; done ;;
     gen8) for run in 1 2; do python3 -m krea_lite.cli generate --model $W/q/full-fp8mm \

@@ -289,15 +289,17 @@ def test_ratio_cell_with_loras_measures_each_card_with_and_without_them(quantize
 
     cell = dict(id="ratio bf16 lora", kind="ratio", name="bf16", model=str(quantized("bf16")), device="cpu",
                 budgets=[8], rounds=3, width=64, height=64, batch=1, steps=1, warmup=1, text_tokens=8,
-                image_tokens=16, loras=3, lora_rank=4, lora_dir=str(tmp_path / "loras"), key="r")
+                image_tokens=16, loras=3, lora_rank=4, lora_fused=True, lora_dir=str(tmp_path / "loras"), key="r")
     result = {"metrics": {}}
     _cell_ratio(cell, result, lambda: None)
     m = result["metrics"]
-    assert sorted(m["runs"]) == sorted(["None", "None+lora1", "None+lora3", "8", "8+lora1", "8+lora3"])
+    assert sorted(m["runs"]) == sorted(f"{c}{v}" for c in ("None", "8") for v in
+                                       ("", "+lora1", "+lora3", "+lora1fused", "+lora3fused"))
     assert len(list((tmp_path / "loras").glob("*.safetensors"))) == 3 and len(m["loras"]) == 3
-    for v in ("lora+lora1", "lora+lora3"):
+    for v in ("lora+lora1", "lora+lora3", "lora+lora3fused"):
         assert m["ratios"][v]["None"]["rounds"] == 3 and m["ratios"][v]["8"]["ratio_median"] > 0
     assert all(r["equals_resident"] for r in m["runs"]["8+lora3"][1:])  # streamed == resident with LoRAs too
+    assert all(r["equals_resident"] for r in m["runs"]["8+lora3fused"][1:])
 
 
 def test_ratio_summary_physical_limit_says_copy_or_compute_bound():

@@ -700,3 +700,26 @@ def test_plan_with_lora_shows_the_adapters_resident(quantized, files, capsys):
     assert "LoRA adapters (never streamed)" in table
     assert main(["plan", "--model", str(quantized("nf4")), "--vram-gb", "8"]) == 0
     assert "LoRA adapters" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "nf4"])
+def test_fused_side_branch_follows_peft_and_switches_back(scheme, quantized, files, inputs):
+    """The opt-in fused side branch gives peft's output up to bf16 rounding, follows set_adapters and
+    disable_lora, and enable=False restores peft's own forward bit for bit."""
+    pipe = load(quantized(scheme))
+    base = out(pipe, inputs)
+    L.use_loras(pipe, [(files["a"], 0.8), (files["b"], 0.5)])
+    peft_out = out(pipe, inputs)
+    assert L.fused_side_branch(pipe) == peft_layers(pipe) > 0
+    fused = out(pipe, inputs)
+    assert not torch.equal(fused, base) and rel(fused, peft_out) < 1e-2
+    pipe.set_adapters([L.active_loras(pipe)[0].adapter], [1.0])  # one adapter, another scale
+    one = out(pipe, inputs)
+    L.fused_side_branch(pipe, enable=False)
+    assert rel(one, out(pipe, inputs)) < 1e-2
+    L.fused_side_branch(pipe)
+    pipe.disable_lora()
+    assert torch.equal(out(pipe, inputs), base)
+    pipe.enable_lora()
+    L.fused_side_branch(pipe, enable=False)
+    assert not any("forward" in vars(m) for m in pipe.transformer.modules())

@@ -520,7 +520,8 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
     sizes = measure(pipe)
     kw = _step_inputs(pipe.transformer, cell, dev)
     # each card runs without LoRA and, when the cell has LoRAs, with the first one and with all of them
-    variants = [""] + ([f"+lora{n}" for n in sorted({1, len(adapters)})] if adapters else [])
+    variants = [""] + ([f"+lora{n}{f}" for n in sorted({1, len(adapters)})
+                        for f in ("", "fused")[:1 + bool(cell.get("lora_fused"))]] if adapters else [])
     configs = [(card, v) for card in [None, *cell["budgets"]] for v in variants]
     runs = {f"{c}{v}": [] for c, v in configs}
     counters0 = None
@@ -531,9 +532,12 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
         for card, variant in (configs if r % 2 == 0 else configs[::-1]):
             if adapters:
                 if variant:
+                    from ..lora import fused_side_branch
+
                     pipe.enable_lora()
-                    n = int(variant.removeprefix("+lora"))
+                    n = int(variant.removeprefix("+lora").removesuffix("fused"))
                     pipe.set_adapters(adapters[:n], [1.0] * n)
+                    fused_side_branch(pipe, enable=variant.endswith("fused"))
                 else:
                     pipe.disable_lora()  # loaded, switched off: peft's layers pass the base output through
             if dev.type == "cuda":

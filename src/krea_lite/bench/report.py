@@ -252,7 +252,8 @@ def ratio_table(doc: dict) -> str:
                 if x:
                     where = "resident" if card == "None" else f"{float(card):g} GiB"
                     lora_rows.append(f"| {c['name']}{' + compile' if c.get('compile') else ''} | {where} | "
-                                     f"{variant.removeprefix('lora+lora')} of {c['loras']} (rank {c['lora_rank']}) | "
+                                     f"{variant.removeprefix('lora+lora').replace('fused', ' fused')} of "
+                                     f"{c['loras']} (rank {c['lora_rank']}) | "
                                      f"{x['ratio_median']:.3f} ({x['ratio_min']:.3f}–{x['ratio_max']:.3f}, "
                                      f"{x['rounds']} rounds) |")
     out = []
