@@ -63,8 +63,12 @@ for s in $stages; do
              --verbose --quiet --steps 28 --seed 1 --lora /tmp/krea-lite-bench-loras/lora-full-r64-s0.safetensors \
              --out $W/png8 "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/gen8-fp8mm-lora.log" | tail -12
           ls -la $W/png8 | tail -5 ;;
-    gguf) timeout 580 python3 benchmarks/gguf_check.py --synthetic $W/full --types ${GGUF_TYPES:-Q8_0} --out-root $W/gq \
-             --json "$OUT/gguf-check.json" 2>&1 | tail -12 ;;
+    gguf) timeout 400 python3 benchmarks/gguf_check.py --synthetic $W/full --types ${GGUF_TYPES:-Q8_0} --out-root $W/gq \
+             --json "$OUT/gguf-check.json" 2>&1 | tail -12
+          t=${GGUF_TYPES:-Q8_0}; t=${t%% *}; [ -d $W/gq/$t ] && python3 -m krea_lite.bench --workdir $W/qb \
+             --models gguf=$W/gq/$t ${GGUF_NF4:+nf4=$W/q/full-nf4} --schemes gguf ${GGUF_NF4:+nf4} --budgets none 8 \
+             --resolutions 1024x1024 --batches 1 --steps 4 --warmup 1 --e2e-steps 0 --interleave 3 --anchors \
+             --cell-timeout 300 --out $W/gguf-bench/ratio.json 2>&1 | grep -E "ratio|\|" | tail -12 ;;
     mutations) timeout 420 python3 scripts/mutations.py 2>&1 | tee "$OUT/mutations.log" | tail -10 ;;
     generate) python3 -m krea_lite.cli --debug generate --model $W/q/full-nf4 --vram-gb ${VRAM:-8} --verbose --quiet \
              --steps ${STEPS:-28} --out $W/png "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/generate.log" | tail -30 ;;

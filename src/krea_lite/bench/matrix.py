@@ -6,13 +6,13 @@ import argparse
 from pathlib import Path
 
 GiB = 2**30
-SCHEMES = ("bf16", "nf4", "int8", "qint8", "qfloat8", "qint4", "fp8mm", "int8mm")
+SCHEMES = ("bf16", "nf4", "int8", "qint8", "qfloat8", "qint4", "fp8mm", "int8mm", "gguf")  # gguf: --models only
 ANCHORS = ("bf16_resident", "nf4_model_cpu_offload", "nf4_group_block_stream", "nf4_group_leaf_stream",
            "bf16_group_leaf_stream")
 
 # The one place for matrix defaults; a flag given on the command line wins over its preset.
 PRESETS = {
-    "full": dict(schemes=list(SCHEMES), budgets=[None, 16, 12, 8, 6, 4],
+    "full": dict(schemes=[s for s in SCHEMES if s != "gguf"], budgets=[None, 16, 12, 8, 6, 4],
                  resolutions=["1024x1024", "512x512", "768x768", "1152x896"], batches=[1, 2],
                  steps=5, warmup=1, e2e_steps=28, anchors=list(ANCHORS), anchor_resolution="1024x1024",
                  anchor_budgets=[None, 8, 4], cell_timeout=900, time_budget=0),
