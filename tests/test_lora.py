@@ -723,3 +723,10 @@ def test_fused_side_branch_follows_peft_and_switches_back(scheme, quantized, fil
     pipe.enable_lora()
     L.fused_side_branch(pipe, enable=False)
     assert not any("forward" in vars(m) for m in pipe.transformer.modules())
+
+
+def test_a_lora_on_an_8bit_matmul_folder_is_refused_in_one_line(quantized, files):
+    pipe = load(quantized("fp8mm"))
+    with pytest.raises(KreaLiteError, match=r"8-bit matmul layers \(fp8mm/int8mm\), which take no LoRA yet") as e:
+        L.use_loras(pipe, [files["b"]])
+    assert "\n" not in str(e.value) and not getattr(pipe.transformer, "peft_config", None)

@@ -99,6 +99,6 @@ def test_transformer_auto_picks_what_the_card_runs_and_says_why(tiny_source, tmp
     said = capsys.readouterr().out
     t = json.loads((out / MANIFEST).read_text())["components"]["transformer"]
     assert t["scheme"] == "nf4" and "auto" in said  # the CPU has no 8-bit matmul: the smallest weights
-    assert t["chosen_by"].startswith("--transformer auto on the CPU: no 8-bit matmul runs here")
+    assert t["chosen_by"] == "--transformer auto on the CPU: no 8-bit matmul kernel on the CPU, so nf4, the smallest weights"
     assert main(["plan", "--model", str(out), "--vram-gb", "8"]) == 0
     assert "transformer scheme nf4, chosen by --transformer auto on the CPU" in capsys.readouterr().out

@@ -378,6 +378,9 @@ def match_lora(file: LoraFile, transformer: nn.Module, text_encoder: nn.Module |
 
 def _check_module(file: LoraFile, comp: str, name: str, module: nn.Module, parts: dict) -> None:
     where = f"{comp}.{name}"
+    if type(module).__name__ == "Linear8":
+        raise _fail(file.path, f"this folder's {comp} computes with krea-lite's 8-bit matmul layers (fp8mm/int8mm), "
+                               "which take no LoRA yet; use an nf4 or bf16 folder for LoRAs")
     if not isinstance(module, nn.Linear):
         raise _fail(file.path, f"its {file.layout} keys convert to {where!r}, which is a {type(module).__name__}, not a "
                                "linear layer (diffusers' converter cannot place this file's keys for that module)")

@@ -285,7 +285,9 @@ def open_file(path: Path, component: str = "transformer") -> Reader:
     """The reader for one component's single file, chosen from the file's own header, not its name."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise KreaLiteError(f"{path} does not exist; pass the path of an existing {component} file")
+        what = {"transformer": "transformer", "text_encoder_2": "--t5 (T5-XXL)", "text_encoder": "--clip (CLIP-L)",
+                "vae": "--vae"}.get(component, component)
+        raise KreaLiteError(f"{path} does not exist; pass the path of an existing {what} file")
     from .gguf_file import GGUFFile, is_gguf
     from .singlefile import reader_for
 

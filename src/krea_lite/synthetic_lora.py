@@ -62,7 +62,10 @@ def _linears(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def _models(size: str) -> dict[str, nn.Module]:
+    from .schemes import quiet_library_noise
     from .synthetic import SIZES, _configs, _meta_model
+
+    quiet_library_noise()  # before diffusers imports bitsandbytes (its CPU-kernel notice is not about us)
 
     if size not in SIZES:
         raise KreaLiteError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")

@@ -325,10 +325,13 @@ def native_scheme(device) -> tuple[str, str]:
         device: the CUDA device to judge ("cpu" gives nf4).
     """
     for kind in ("fp8", "int8"):
-        path, reason = route(kind, device)
+        path, _ = route(kind, device)
         if path == "kernel":
             return KINDS[kind].scheme, f"{KINDS[kind].kernel} runs on this card"
-    return "nf4", f"no 8-bit matmul runs here ({reason}); nf4 has the smallest weights"
+    if torch.device(device).type != "cuda":
+        return "nf4", "no 8-bit matmul kernel on the CPU, so nf4, the smallest weights"
+    return "nf4", ("this card runs neither torch._scaled_mm (fp8, 8.9+) nor torch._int_mm (int8, 8.0+), so nf4, the "
+                   "smallest weights")
 
 
 def check_folder(manifest: dict, device) -> list[str]:
