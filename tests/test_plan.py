@@ -181,3 +181,21 @@ def test_one_budget_for_cli_python_and_bench():
 
     b = Budget(8)
     assert b.allocator_bytes == card_budget(8) == 8 * GiB - CUDA_CONTEXT_BYTES
+
+
+def test_plan_says_what_streams_per_step(quantized, capsys):
+    from krea_lite.cli import main
+
+    assert main(["plan", "--model", str(quantized("nf4")), "--vram-gb", "8"]) == 0
+    assert "streamed per step: nothing (the transformer stays on the GPU)" in capsys.readouterr().out
+
+
+def test_streamed_bytes_are_the_streamed_blocks_once():
+    from krea_lite.cli import _copy_line
+
+    plan = plan_for_budget(FULL, card_budget(8))
+    want = (sum(FULL.transformer_blocks[i] for i in plan.streamed_double)
+            + sum(FULL.single_transformer_blocks[i] for i in plan.streamed_single))
+    assert plan.streamed_bytes == want > 0
+    assert _copy_line(plan) == (f"streamed per step: {want / 2**30:.2f} GiB (on a CUDA machine, plan also measures "
+                                "their copy time)")

@@ -244,7 +244,26 @@ def cmd_plan(args) -> int:
     print(json.dumps(_plan_dict(plan, args.vram_gb), indent=2) if args.json else plan.table())
     if not args.json:
         print(_scheme_line(args.model))
+        print(_copy_line(plan))
     return 0
+
+
+def _copy_line(plan) -> str:
+    """What streaming costs per step: the bytes, and on a CUDA machine their copy time at its measured bandwidth
+    (the least a step can take: a step whose compute is shorter waits on the copies, copy-bound)."""
+    import torch
+
+    n = plan.streamed_bytes
+    if not n:
+        return "streamed per step: nothing (the transformer stays on the GPU)"
+    line = f"streamed per step: {n / 2**30:.2f} GiB"
+    if not torch.cuda.is_available():
+        return line + " (on a CUDA machine, plan also measures their copy time)"
+    from .bench.cells import _h2d_gbps
+
+    gbps = _h2d_gbps()
+    return (line + f"; at this machine's {gbps:.1f} GB/s host-to-device, {n / gbps / 1e9:.3f} s per step at least "
+            "(copy-bound when the step's compute is shorter)")
 
 
 def _scheme_line(folder) -> str:

@@ -191,6 +191,12 @@ class Plan:
         return tuple(i for i in range(len(self.sizes.single_transformer_blocks)) if i not in self.streamed_single)
 
     @property
+    def streamed_bytes(self) -> int:
+        """Bytes copied host -> GPU per denoising step: every streamed transformer block, once."""
+        return (sum(self.sizes.transformer_blocks[i] for i in self.streamed_double)
+                + sum(self.sizes.single_transformer_blocks[i] for i in self.streamed_single))
+
+    @property
     def peak_bytes(self) -> int:
         """The predicted peak of the allocator's use (largest phase), margin excluded."""
         return max(b for _, b in self.phase_bytes)

@@ -399,11 +399,8 @@ def _plan_summary(plan) -> dict:
         else dict(vars(plan))
     out = {k: v for k, v in raw.items() if isinstance(v, (int, float, str, bool)) or v is None}
     try:  # plan.Plan: each streamed block is copied once per step
-        sizes = plan.sizes
         out.update(n_streamed_double=len(plan.streamed_double), n_streamed_single=len(plan.streamed_single),
-                   streamed_gib=round((sum(sizes.transformer_blocks[i] for i in plan.streamed_double)
-                                       + sum(sizes.single_transformer_blocks[i] for i in plan.streamed_single))
-                                      / GiB, 4),
+                   streamed_gib=round(plan.streamed_bytes / GiB, 4),
                    predicted_gib={name: round(n / GiB, 3) for name, n in plan.phase_bytes},
                    predicted_peak_phase=plan.peak_phase)
     except (AttributeError, TypeError, IndexError, ValueError):
