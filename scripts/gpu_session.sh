@@ -9,7 +9,8 @@
 #   ratio      interleaved streamed/resident ratios: `krea-lite bench --interleave`, NF4 1024², cards 8 6 4
 #   mutations  scripts/mutations.py: each wait/event/sync of the engine removed in turn must fail a GPU test
 #   micro      benchmarks/w8a8_micro.py: bf16 / fp8mm / int8mm eager and compiled, torchao fp8 compiled (resident)
-#   ratio8     interleaved ratios for fp8mm + --compile, cards 8 6 4 (SCHEMES must have made full-fp8mm)
+#   ratio8     interleaved ratios for fp8mm + --compile, cards 8 6 4 (SCHEMES must have made full-fp8mm);
+#              RATIO_ARGS=--spread measures the spread-out streamed blocks (plan_for_budget(spread=True))
 #   lora       interleaved LoRA overhead: fp8mm + compile and nf4 eager, resident and 8 GiB, 1 and 3 rank-64 LoRAs,
 #              peft's side branch and lora.fused_side_branch (LoRA on fp8mm is refused: run LORA_ONLY=nf4)
 #   gguf       benchmarks/gguf_check.py: a Q8_0 (GGUF_TYPES) .gguf written from the synthetic folder, converted (time,
@@ -46,7 +47,8 @@ for s in $stages; do
              torchao-fp8 --cache-dir $W/cc --budget-s 380 2>&1 | grep -v Warn | tail -12 ;;
     ratio8) python3 -m krea_lite.bench --workdir $W/qb --models fp8mm=$W/q/full-fp8mm \
              --schemes fp8mm --budgets none 8 6 4 --resolutions 1024x1024 --batches 1 --steps ${RSTEPS:-5} --warmup 2 \
-             --e2e-steps 0 --interleave ${ROUNDS:-3} --compile --anchors --cell-timeout 500 --out $W/ratio8/ratio.json 2>&1 \
+             --e2e-steps 0 --interleave ${ROUNDS:-3} --compile --anchors --cell-timeout 500 --out $W/ratio8/ratio.json \
+             ${RATIO_ARGS:-} 2>&1 \
              | tee "$OUT/ratio8.log" | grep -E "ratio|\|" | tail -30; cp $W/ratio8/ratio.json "$OUT/ratio8.json" ;;
     lora) specs=("fp8mm --compile" "nf4"); [ -n "${LORA_ONLY:-}" ] && specs=("$LORA_ONLY")
           for spec in "${specs[@]}"; do set -- $spec; python3 -m krea_lite.bench \

@@ -199,3 +199,18 @@ def test_streamed_bytes_are_the_streamed_blocks_once():
     assert plan.streamed_bytes == want > 0
     assert _copy_line(plan) == (f"streamed per step: {want / 2**30:.2f} GiB (on a CUDA machine, plan also measures "
                                 "their copy time)")
+
+
+def test_spread_streams_as_many_blocks_evenly_and_keeps_the_bytes():
+    for budget in (card_budget(6), card_budget(4), 4 * GiB):
+        tail, spread = plan_for_budget(FULL, budget), plan_for_budget(FULL, budget, spread=True)
+        assert placement(spread) == placement(tail) and spread.phase_bytes == tail.phase_bytes
+        assert spread.streamed_bytes == tail.streamed_bytes and spread.spread and not tail.spread
+        for idx, n in ((spread.streamed_double, 19), (spread.streamed_single, 38)):
+            if 0 < len(idx) < n:
+                gaps = [b - a for a, b in zip(idx, idx[1:], strict=False)]
+                assert max(gaps) - min(gaps) <= 1 and idx[0] <= n // len(idx)  # evenly, from the start
+        assert spread.shrink().spread
+    uneven = dataclasses.replace(FULL, single_transformer_blocks=(73_000_000,) * 37 + (74_000_000,))
+    p = plan_for_budget(uneven, card_budget(4), spread=True)  # blocks of other sizes: the tail, as planned
+    assert p.streamed_single == tuple(range(38 - len(p.streamed_single), 38))

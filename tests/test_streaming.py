@@ -200,6 +200,7 @@ def _expected_copies(n: int, p: int, steps: int) -> int:
     ((), (2, 3, 4), 1),  # one slot: no overlap, still exact
     ((0, 1, 2, 3), (1, 2, 3, 4), 3),
     ((3,), (), 2),  # one block, slots clamp to 1
+    ((0, 2), (0, 2, 4), 2),  # spread out (plan_for_budget(spread=True)): resident blocks between streamed ones
 ])
 def test_streamed_forward_equals_resident_bit_for_bit(flux, double, single, prefetch):
     model, ref = flux

@@ -215,7 +215,7 @@ def fit_adapters(pipe) -> bool:
     if now == plan.sizes.adapters:
         return False
     fresh = plan_for_budget(replace(plan.sizes, adapters=now), plan.budget_bytes, width=plan.width,
-                            height=plan.height, batch=plan.batch, conservative=plan.conservative)
+                            height=plan.height, batch=plan.batch, conservative=plan.conservative, spread=plan.spread)
     if all(getattr(fresh, f) == getattr(plan, f) for f in PLACEMENT_FIELDS):
         info.placement.plan = fresh
         pipe.krea_lite = replace(info, plan=fresh)

@@ -169,6 +169,7 @@ class Plan:
     margin_bytes: int
     phase_bytes: tuple[tuple[str, int], ...]  # predicted peak of each phase, margin excluded
     conservative: int = 0
+    spread: bool = False  # streamed blocks spread through each list (plan_for_budget(spread=True))
     format_version: int = 1
 
     def __post_init__(self):
@@ -210,7 +211,7 @@ class Plan:
         one more margin, tiled VAE, `SHRINK_BLOCKS` more streamed blocks. Raises KreaLiteError when
         nothing smaller fits."""
         smaller = plan_for_budget(self.sizes, self.budget_bytes, width=self.width, height=self.height,
-                                  batch=self.batch, conservative=self.conservative + 1)
+                                  batch=self.batch, conservative=self.conservative + 1, spread=self.spread)
         if (smaller.streamed_double, smaller.streamed_single, smaller.vae_tiled) == (
                 self.streamed_double, self.streamed_single, self.vae_tiled) and self.conservative:
             raise KreaLiteError(f"out of GPU memory with every block already streamed at a budget of "
@@ -369,8 +370,16 @@ def _free_cuda_bytes() -> int | None:
     return torch.cuda.mem_get_info()[0]
 
 
+def _which(blocks: tuple[int, ...], n: int, spread: bool) -> tuple[int, ...]:
+    """The n blocks of a list that stream: its tail, or (spread, all blocks one size) evenly spaced."""
+    total = len(blocks)
+    if spread and n and len(set(blocks)) == 1:
+        return tuple(sorted({int((i + 0.5) * total / n) for i in range(n)}))
+    return tuple(range(total - n, total))
+
+
 def plan_for_budget(sizes: Sizes, budget_bytes: int | None, width: int = 1024, height: int = 1024,
-                    batch: int = 1, conservative: int = 0) -> Plan:
+                    batch: int = 1, conservative: int = 0, spread: bool = False) -> Plan:
     """Decide which weights stay on the GPU and which stream, for a VRAM budget.
 
     Args:
@@ -382,6 +391,10 @@ def plan_for_budget(sizes: Sizes, budget_bytes: int | None, width: int = 1024, h
             for them.
         conservative: 0 for the normal plan; each level adds one more margin, tiles the VAE and
             streams `SHRINK_BLOCKS` more blocks (what `Plan.shrink` asks for after an OOM).
+        spread: stream blocks spread evenly through each list instead of its tail (same count, same
+            bytes; only for lists whose blocks are all one size). When copies are slower than compute, a
+            run of resident blocks leaves the copy engine idle once the slots are full; spread out, it
+            has a freed slot to fill after every streamed block. Experimental: not yet measured.
 
     Returns:
         The first placement, from everything resident towards everything streamed, whose predicted
@@ -435,11 +448,10 @@ def plan_for_budget(sizes: Sizes, budget_bytes: int | None, width: int = 1024, h
         roomy = replace(choice, prefetch=PREFETCH_ROOMY)
         choice = roomy if evaluate(roomy)[1] else choice
     phases = evaluate(choice)[0]
-    n_d, n_s = len(sizes.transformer_blocks), len(sizes.single_transformer_blocks)
     return Plan(
         sizes=sizes, budget_bytes=budget, width=width, height=height, batch=batch,
-        streamed_double=tuple(range(n_d - choice.n_double, n_d)),
-        streamed_single=tuple(range(n_s - choice.n_single, n_s)),
+        streamed_double=_which(sizes.transformer_blocks, choice.n_double, spread),
+        streamed_single=_which(sizes.single_transformer_blocks, choice.n_single, spread), spread=spread,
         prefetch=choice.prefetch, t5_streamed=choice.t5_streamed, clip_on_gpu=choice.clip_on_gpu,
         vae_on_gpu=choice.vae_on_gpu, vae_tiled=choice.vae_tiled and untiled > tiled and sizes.vae > 0,
         step_activation_bytes=step_act, decode_activation_bytes=tiled if choice.vae_tiled else untiled,

@@ -541,7 +541,8 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
                 torch.cuda.set_per_process_memory_fraction(1.0, dev.index or 0)
             budget = None if card is None else Budget(card)
             place(pipe, plan_for_budget(sizes, None if budget is None else budget.allocator_bytes,
-                                        width=cell["width"], height=cell["height"], batch=cell["batch"]))
+                                        width=cell["width"], height=cell["height"], batch=cell["batch"],
+                                        spread=bool(cell.get("spread"))))
             if budget is not None and dev.type == "cuda":
                 budget.enforce(dev)
             placement = pipe.krea_lite.placement

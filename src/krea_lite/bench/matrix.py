@@ -74,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="--interleave cells: N synthetic LoRAs loaded; every card also runs with the first and "
                         "with all N active (ratios to the same card without LoRA)")
     m.add_argument("--lora-rank", type=int, default=64, help="rank of the --loras LoRAs (default 64)")
+    m.add_argument("--spread", action="store_true",
+                   help="--interleave cells: plan_for_budget(spread=True), streamed blocks spread through each list")
     m.add_argument("--lora-fused", action="store_true",
                    help="--loras cells: also run each LoRA variant with lora.fused_side_branch (opt-in fused path)")
     m.add_argument("--cell-timeout", type=float, help="seconds before a cell is killed")
@@ -100,7 +102,8 @@ def _settings(args) -> dict:
     s.update(preset="quick" if args.quick else "full", prompt=args.prompt, seed=args.seed,
              guidance=args.guidance, text_tokens=args.text_tokens, interleave=getattr(args, "interleave", 0) or 0,
              compile=bool(getattr(args, "compile", False)), loras=getattr(args, "loras", 0) or 0,
-             lora_rank=getattr(args, "lora_rank", 64), lora_fused=bool(getattr(args, "lora_fused", False)))
+             lora_rank=getattr(args, "lora_rank", 64), lora_fused=bool(getattr(args, "lora_fused", False)),
+             spread=bool(getattr(args, "spread", False)))
     if s["interleave"] and s["interleave"] < 3:
         raise _error(f"--interleave {s['interleave']}: give at least 3 rounds (a spread needs them), or 0 for none")
     if s["e2e_steps"] is not None and s["e2e_steps"] < 0:
@@ -164,10 +167,10 @@ def plan_cells(s: dict, schemes: list[str], have_source: bool, have: dict[str, b
                for a in s["anchors"] if have.get(a.split("_")[0])
                for bg in ([None] if a == "bf16_resident" else s["anchor_budgets"])]
     capped = [b for b in s["budgets"] if b is not None]
-    extra = (" compile" if s.get("compile") else "") + (f" lora{s['loras']}r{s['lora_rank']}" if s.get("loras") else "")
+    extra = (" compile" if s.get("compile") else "") + (" spread" if s.get("spread") else "") + (f" lora{s['loras']}r{s['lora_rank']}" if s.get("loras") else "")
     ratios = [dict(common, id=f"ratio {sc}{extra} {_rid(*first)} x{s['interleave']}", kind="ratio", name=sc,
                    compile=s.get("compile", False), loras=s.get("loras", 0), lora_rank=s.get("lora_rank", 64),
-                   lora_fused=s.get("lora_fused", False),
+                   lora_fused=s.get("lora_fused", False), spread=s.get("spread", False),
                    budget_gib=None, budgets=capped, rounds=s["interleave"], width=first[0], height=first[1],
                    batch=first[2], image_tokens=(first[0] // 16) * (first[1] // 16))
               for sc in schemes] if s.get("interleave") and capped else []

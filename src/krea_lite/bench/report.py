@@ -220,7 +220,7 @@ def _header(doc: dict) -> str:
 
 
 def _ratio_label(c: dict) -> str:
-    extra = (" + compile" if c.get("compile") else "") + (
+    extra = (" + compile" if c.get("compile") else "") + (", spread" if c.get("spread") else "") + (
         f", {c['loras']} LoRAs r{c['lora_rank']} loaded" if c.get("loras") else "")
     return f"{c['name']}{extra} {c['width']}x{c['height']}"
 
