@@ -66,6 +66,7 @@ class _OnDemand:
     def __init__(self, device: torch.device):
         self.device, self.members, self.loaded = device, {}, None
         self.moves, self.seconds = 0, 0.0
+        self.yield_to: list[BlockStreamer] = []  # the transformer's streamers: their slots are freed meanwhile
 
     def add(self, name: str, module: nn.Module, streamer: BlockStreamer | None = None) -> None:
         self.members[name] = (module, streamer)
@@ -106,6 +107,8 @@ class _OnDemand:
                 self._move(self.loaded, torch.device("cpu"))
                 self.loaded = None
             if name in self.members:
+                for streamer in self.yield_to:  # the transformer is not running: its slots make room (plan._phases)
+                    streamer.release()
                 self._move(name, self.device)
                 self.loaded = name
                 self.moves += 1
@@ -311,6 +314,7 @@ def _place(pipe, plan: Plan, placement: Placement, profile: bool) -> None:
                 s = BlockStreamer(f"transformer.{attr}", getattr(tr, attr), idx, device, plan.prefetch, profile)
                 placement.streamers[f"transformer.{attr}"] = s
                 streamed |= {id(s.blocks[i]) for i in idx}
+        on_demand.yield_to = [s for k, s in placement.streamers.items() if k.startswith("transformer.")]
         _move_except(tr, device, streamed)
         _require_on_except(tr, device, "transformer", streamed)
         placement._hooks.append(tr.register_forward_pre_hook(_Guard(placement, "transformer", tr),

@@ -307,13 +307,19 @@ def _phases(s: Sizes, c: _Choice, step_act: int, decode_act: int, encode_act: in
 
     transformer = (s.transformer_rest + s.adapters + transformer_part(s.transformer_blocks, c.n_double)
                    + transformer_part(s.single_transformer_blocks, c.n_single))
+    # the transformer's slots are freed while an on-demand component (T5, CLIP, VAE) runs (placement._OnDemand)
+    slots = sum(c.prefetch * max(b[len(b) - n:]) for b, n in ((s.transformer_blocks, c.n_double),
+                                                              (s.single_transformer_blocks, c.n_single)) if n)
     t5_on_demand = (s.t5_rest + s.t5_blocks[0] + T5_SLOTS * max(s.t5_blocks[1:])) if c.t5_streamed else 0
     always = (transformer + (0 if c.t5_streamed else s.text_encoder_2)
               + (s.text_encoder if c.clip_on_gpu else 0) + (s.vae if c.vae_on_gpu else 0))
     encode = (max(t5_on_demand, 0 if c.clip_on_gpu else s.text_encoder) + encode_act
               if s.text_encoder or s.text_encoder_2 else 0)
     decode = (0 if c.vae_on_gpu else s.vae) + decode_act if s.vae else 0
-    return (("encode", always + encode), ("denoise", always + step_act), ("decode", always + decode))
+    encode_freed = slots if (c.t5_streamed and s.text_encoder_2) or (not c.clip_on_gpu and s.text_encoder) else 0
+    decode_freed = slots if not c.vae_on_gpu and s.vae else 0
+    return (("encode", always - encode_freed + encode), ("denoise", always + step_act),
+            ("decode", always - decode_freed + decode))
 
 
 MAX_CARD_GIB = 4096  # larger than any GPU made: a bound for typos such as --vram-gb 8000000
