@@ -19,7 +19,8 @@ from diffusers.quantizers.gguf.utils import GGUFParameter
 
 from krea_lite.checkpoint import MANIFEST
 from krea_lite.errors import KreaLiteError
-from krea_lite.gguf_file import FLOAT_TYPES, QUANT_TYPES, GGUFLinear, dequantize, is_gguf
+from krea_lite.formats import is_gguf
+from krea_lite.gguf_file import FLOAT_TYPES, QUANT_TYPES, GGUFLinear, dequantize
 from krea_lite.pipeline import load_component, load_pipeline
 from krea_lite.quantize import QuantizeConfig, quantize_pipeline
 from krea_lite.source import SWAPPED, bfl_layout, resolve_source
@@ -120,16 +121,21 @@ def test_fused_tensors_split_by_rows_without_dequantizing(files, tiny_source):
     assert native["norm_out.linear"]["weight_type"].item() == int(gguf.GGMLQuantizationType.Q8_0)
 
 
-def test_kept_blocks_stream_bit_for_bit_and_measure_counts_the_raw_bytes(folders):
-    from krea_lite.placement import apply_plan
-    from krea_lite.plan import measure, plan_for_budget
-
-    out = folders("Q4_K")
+def _transformer_and_output(out):
+    """The folder's transformer, loaded on the CPU; test inputs; its output for them."""
     info = json.loads((out / MANIFEST).read_text())["components"]["transformer"]
     model = load_component(out / "transformer", "transformer", info)
     inputs = _inputs()
     with torch.no_grad():
         ref = model(**inputs)[0]
+    return model, inputs, ref
+
+
+def test_kept_blocks_stream_bit_for_bit_and_measure_counts_the_raw_bytes(folders):
+    from krea_lite.placement import apply_plan
+    from krea_lite.plan import measure, plan_for_budget
+
+    model, inputs, ref = _transformer_and_output(folders("Q4_K"))
     pipe = types.SimpleNamespace(transformer=model)
     sizes = measure(pipe)
     block = model.transformer_blocks[0]
@@ -152,12 +158,8 @@ def test_kept_blocks_stream_bit_for_bit_and_measure_counts_the_raw_bytes(folders
 def test_kept_blocks_compile_without_graph_breaks(folders, tmp_path):
     from krea_lite.compile import compile_counters, compile_transformer
 
-    out = folders("Q4_K")
-    info = json.loads((out / MANIFEST).read_text())["components"]["transformer"]
-    model = load_component(out / "transformer", "transformer", info)
-    inputs = _inputs()
+    model, inputs, ref = _transformer_and_output(folders("Q4_K"))
     with torch.no_grad():
-        ref = model(**inputs)[0]
         torch._dynamo.reset()
         assert compile_transformer(model, cache_dir=tmp_path, device="cpu", backend="aot_eager").compiled
         before = compile_counters()

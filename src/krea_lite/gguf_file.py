@@ -23,8 +23,7 @@ from diffusers.quantizers.gguf.utils import GGML_QUANT_SIZES, GGUFParameter, deq
 from diffusers.quantizers.gguf.utils import GGUFLinear as DiffusersGGUFLinear
 
 from .errors import KreaLiteError
-from .formats import is_gguf  # noqa: F401  (re-exported: the format check lives with the others)
-from .source import _COMFY_PREFIX, SWAPPED, Reader, bfl_layout, swap_halves
+from .source import _COMFY_PREFIX, SWAPPED, Reader, flux_layout, swap_halves
 
 FLOAT_TYPES = ("F32", "F16", "BF16")  # stored as bf16 tensors (kept modules)
 QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K")  # kept as GGUF
@@ -152,18 +151,7 @@ class GGUFFile(Reader):
         if "img_in.weight" not in names or not any(n.startswith("double_blocks.") for n in names):
             raise KreaLiteError(f"{path} is not a FLUX transformer GGUF (no img_in / double_blocks.* tensors); "
                                 "pass a FLUX .gguf or a diffusers folder")
-
-        def count(block: str) -> int:
-            return 1 + max((int(i) for n in names if n.startswith(block) and (i := n.split(".")[1]).isdigit()),
-                           default=-1)
-
-        expected = bfl_layout(count("double_blocks."), count("single_blocks."),
-                              guidance="guidance_in.in_layer.weight" in names)
-        if unknown := sorted(set(names) - set(expected)):
-            raise KreaLiteError(f"{path} holds {unknown[0]!r}, which is not part of a FLUX transformer; "
-                                "pass a FLUX .gguf or a diffusers folder")
-        if missing := sorted(set(expected) - set(names)):
-            raise KreaLiteError(f"{path} lacks {missing[0]!r} ({len(missing)} FLUX tensors missing); re-download it")
+        layout = flux_layout(path, names, "pass a FLUX .gguf or a diffusers folder")
         self.types: dict[str, str] = {}  # BFL key -> GGML type name
         self.shapes: dict[str, tuple[int, ...]] = {}  # BFL key -> torch (logical) shape
         for n, key in names.items():
@@ -177,7 +165,7 @@ class GGUFFile(Reader):
                 raise KreaLiteError(f"{path}: tensor {key!r} is {self.types[n]}-quantized with shape "
                                     f"{self.shapes[n]}; only 2-D Linear weights are, in a FLUX GGUF: re-download it")
         self.hidden = self.shapes["img_in.weight"][0]
-        self.layout = {n: expected[n] for n in sorted(names)}
+        self.layout = layout
         self.keys = {n: names[n] for n in self.layout}  # BFL name -> key in the file (ComfyUI prefix)
         for n, parts in self.layout.items():
             rows = self.shapes[n][0]

@@ -301,15 +301,11 @@ def _choices(s: Sizes) -> list[_Choice]:
 
 
 def _phases(s: Sizes, c: _Choice, step_act: int, decode_act: int, encode_act: int) -> tuple[tuple[str, int], ...]:
-    def transformer_part(sizes, n):
-        resident, streamed = sizes[:len(sizes) - n], sizes[len(sizes) - n:]
-        return sum(resident) + (c.prefetch * max(streamed) if streamed else 0)
-
-    transformer = (s.transformer_rest + s.adapters + transformer_part(s.transformer_blocks, c.n_double)
-                   + transformer_part(s.single_transformer_blocks, c.n_single))
-    # the transformer's slots are freed while an on-demand component (T5, CLIP, VAE) runs (placement._OnDemand)
-    slots = sum(c.prefetch * max(b[len(b) - n:]) for b, n in ((s.transformer_blocks, c.n_double),
-                                                              (s.single_transformer_blocks, c.n_single)) if n)
+    lists = ((s.transformer_blocks, c.n_double), (s.single_transformer_blocks, c.n_single))
+    resident = sum(sum(b[:len(b) - n]) for b, n in lists)
+    # GPU slots of the streamed blocks; freed while an on-demand component (T5, CLIP, VAE) runs (placement._OnDemand)
+    slots = sum(c.prefetch * max(b[len(b) - n:]) for b, n in lists if n)
+    transformer = s.transformer_rest + s.adapters + resident + slots
     t5_on_demand = (s.t5_rest + s.t5_blocks[0] + T5_SLOTS * max(s.t5_blocks[1:])) if c.t5_streamed else 0
     always = (transformer + (0 if c.t5_streamed else s.text_encoder_2)
               + (s.text_encoder if c.clip_on_gpu else 0) + (s.vae if c.vae_on_gpu else 0))

@@ -22,7 +22,7 @@ import torch
 
 from .errors import KreaLiteError
 from .formats import NF4_STATE, SCALE_INPUT, SCALE_WEIGHT, SCALED_FP8, Part, sniff_file
-from .source import SWAPPED, BflFile, Reader, bfl_layout, bfl_to_diffusers, open_safetensors
+from .source import SWAPPED, BflFile, Reader, _get, bfl_to_diffusers, flux_layout, open_safetensors
 
 NF4_NESTED_KEYS = ("nested_absmax", "nested_quant_map")
 
@@ -171,13 +171,6 @@ def split_rows(item, parts: tuple[str, ...], hidden: int, swapped: bool) -> list
 # ------------------------------------------------------------------------------------------- reading
 
 
-def _get(f, path: Path, key: str) -> torch.Tensor:
-    try:
-        return f.get_tensor(key)
-    except Exception as e:  # SafetensorError, OSError (file shrank under us), unsupported dtype
-        raise KreaLiteError(f"{path}: tensor {key!r} cannot be read ({e}); re-download the file") from None
-
-
 def _scale(f, path: Path, key: str, rows: int) -> torch.Tensor:
     s = _get(f, path, key)
     if s.numel() != 1:
@@ -258,18 +251,8 @@ def read_transformer_header(path: Path) -> TransformerFile:
         else:
             hidden = f.get_slice(names["img_in.weight"]).get_shape()[0]
 
-    def count(block: str) -> int:
-        return 1 + max((int(i) for n in tensors if n.startswith(block) and (i := n.split(".")[1]).isdigit()),
-                       default=-1)
-
-    guidance = "guidance_in.in_layer.weight" in tensors
-    expected = bfl_layout(count("double_blocks."), count("single_blocks."), guidance=guidance)
-    if unknown := sorted(tensors - set(expected)):
-        raise KreaLiteError(f"{path} holds {unknown[0]!r}, which is not part of a FLUX transformer; "
-                            "pass a FLUX.1 transformer file")
-    if missing := sorted(set(expected) - tensors):
-        raise KreaLiteError(f"{path} lacks {missing[0]!r} ({len(missing)} FLUX tensors missing); re-download it")
-    return TransformerFile(path, part, {n: expected[n] for n in sorted(tensors)}, int(hidden), extra)
+    layout = flux_layout(path, tensors, "pass a FLUX.1 transformer file")
+    return TransformerFile(path, part, layout, int(hidden), extra)
 
 
 def _open(path: Path):

@@ -199,18 +199,26 @@ def _read_single_file(path: Path) -> _SingleFile:
                                 "tensors); pass flux1-krea-dev.safetensors or a diffusers folder")
         hidden = f.get_slice(names["img_in.weight"]).get_shape()[0]
 
+    layout = flux_layout(path, names, "pass flux1-krea-dev.safetensors or a diffusers folder")
+    return _SingleFile({names[n]: parts for n, parts in layout.items()}, hidden)
+
+
+def flux_layout(path: Path, names, instead: str) -> dict[str, tuple[str, ...]]:
+    """BFL name -> its diffusers parts, for every name in `names` (the BFL tensor names of a transformer file;
+    the block counts are read from them). One line naming `path` when a name is not FLUX's ("`instead`":
+    what to pass) or a FLUX tensor is missing."""
+
     def count(block: str) -> int:  # blocks are numbered from 0; a malformed name fails as unknown below
         return 1 + max((int(i) for n in names if n.startswith(block) and (i := n.split(".")[1]).isdigit()),
                        default=-1)
 
-    guidance = "guidance_in.in_layer.weight" in names
-    expected = bfl_layout(count("double_blocks."), count("single_blocks."), guidance=guidance)
+    expected = bfl_layout(count("double_blocks."), count("single_blocks."),
+                          guidance="guidance_in.in_layer.weight" in names)
     if unknown := sorted(set(names) - set(expected)):
-        raise KreaLiteError(f"{path} holds {unknown[0]!r}, which is not part of a FLUX transformer; "
-                            "pass flux1-krea-dev.safetensors or a diffusers folder")
+        raise KreaLiteError(f"{path} holds {unknown[0]!r}, which is not part of a FLUX transformer; {instead}")
     if missing := sorted(set(expected) - set(names)):
         raise KreaLiteError(f"{path} lacks {missing[0]!r} ({len(missing)} FLUX tensors missing); re-download it")
-    return _SingleFile({names[n]: expected[n] for n in sorted(names)}, hidden)
+    return {n: expected[n] for n in sorted(names)}
 
 
 class Reader:
@@ -288,7 +296,8 @@ def open_file(path: Path, component: str = "transformer") -> Reader:
         what = {"transformer": "transformer", "text_encoder_2": "--t5 (T5-XXL)", "text_encoder": "--clip (CLIP-L)",
                 "vae": "--vae"}.get(component, component)
         raise KreaLiteError(f"{path} does not exist; pass the path of an existing {what} file")
-    from .gguf_file import GGUFFile, is_gguf
+    from .formats import is_gguf
+    from .gguf_file import GGUFFile
     from .singlefile import reader_for
 
     if component == "transformer" and is_gguf(path):

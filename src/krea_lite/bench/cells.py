@@ -499,6 +499,8 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
     import numpy as np
     import torch
 
+    from ..compile import compile_counters
+    from ..lora import active_loras, fused_side_branch
     from ..pipeline import load_pipeline, place
     from ..plan import Budget, measure, plan_for_budget
 
@@ -512,7 +514,7 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
     _loaded()
     if dev.type == "cuda":
         m["h2d_gbps"] = _h2d_gbps(dev)
-    adapters = [r.adapter for r in _active_loras(pipe)]
+    adapters = [r.adapter for r in active_loras(pipe)]
     m["loras"] = [{"file": Path(p).name, "rank": cell.get("lora_rank")} for p in loras]
     sizes = measure(pipe)
     kw = _step_inputs(pipe.transformer, cell, dev)
@@ -529,8 +531,6 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
         for card, variant in (configs if r % 2 == 0 else configs[::-1]):
             if adapters:
                 if variant:
-                    from ..lora import fused_side_branch
-
                     pipe.enable_lora()
                     n = int(variant.removeprefix("+lora").removesuffix("fused"))
                     pipe.set_adapters(adapters[:n], [1.0] * n)
@@ -555,7 +555,7 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
                     if i == cell["warmup"]:
                         placement.stats(reset=True)
                         if counters0 is None and r == cell["rounds"] - 1:  # everything ran at least once before
-                            counters0 = _compile_counters()
+                            counters0 = compile_counters()
                         retries = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0) if dev.type == "cuda" else 0
                     _sync(dev)
                     t0, c0 = time.perf_counter(), time.process_time()
@@ -591,7 +591,7 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
     if dev.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0, dev.index or 0)
     if counters0 is not None:  # graphs traced during the last round: recompiles after every config warmed up
-        m["recompiles_last_round"] = _compile_counters()["graphs"] - counters0["graphs"]
+        m["recompiles_last_round"] = compile_counters()["graphs"] - counters0["graphs"]
     if cell.get("compile"):
         m["compile"] = {k: v for k, v in (pipe.krea_lite.seconds or {}).items() if "compile" in k}
     pipe.krea_lite.close()
@@ -610,18 +610,6 @@ def _per_round(runs: list, base: list) -> dict:
     rs = [r["s_per_step"] / by_round[r["round"]] for r in runs if r["round"] in by_round]
     return {"ratio_median": round(float(np.median(rs)), 4), "ratio_min": round(min(rs), 4),
             "ratio_max": round(max(rs), 4), "rounds": len(rs)} if rs else {}
-
-
-def _active_loras(pipe):
-    from ..lora import active_loras
-
-    return active_loras(pipe)
-
-
-def _compile_counters() -> dict:
-    from ..compile import compile_counters
-
-    return compile_counters()
 
 
 def _bench_loras(cell: dict) -> list:
