@@ -10,6 +10,9 @@ diffusers' Flux single-file converter hard-codes the real widths, so this needs 
     krea-lite synth /tmp/flux-full --size full --gguf Q8_0 Q4_K
     python benchmarks/gguf_check.py --synthetic /tmp/flux-full --types Q8_0 Q4_K --out-root /tmp/gguf-q \
         --json benchmarks/results/gguf-check.json [--compile]
+
+As a user with ComfyUI files converts them: `--files DIR` holds the .gguf (written there from --synthetic when
+missing) and ComfyUI encoders (`--t5/--clip/--vae` names inside DIR); `--base` a folder of configs and tokenizers.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quantize_full import _status_kib  # noqa: E402
 
 
-def convert(gguf: Path, base: Path, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "krea_lite.cli", "quantize", str(gguf), "--base", str(base), "--out", str(out),
+def convert(gguf: Path, base: Path, out: Path, extra: tuple = ()) -> dict:
+    cmd = [sys.executable, "-m", "krea_lite.cli", "quantize", str(gguf), "--base", str(base), *extra, "--out", str(out),
            "--force", "--quiet"]
     start, peak, anon = time.perf_counter(), 0, 0
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -35,7 +38,7 @@ def convert(gguf: Path, base: Path, out: Path) -> dict:
         peak = max(peak, _status_kib(proc.pid, "VmRSS"))
         anon = max(anon, _status_kib(proc.pid, "RssAnon"))
         time.sleep(0.05)
-    row = {"returncode": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
+    row = {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
            "peak_vmrss_gib": round(peak / 2**20, 3), "peak_rss_anon_gib": round(anon / 2**20, 3),
            "output_tail": proc.stdout.read()[-1500:]}
     if proc.returncode == 0:
@@ -73,7 +76,8 @@ def timed(model, x, repeats: int = 3):
     return out.float().cpu(), round(statistics.median(times), 4)
 
 
-def check(kind: str, folder: Path, out_root: Path, compile_: bool) -> dict:
+def check(kind: str, folder: Path, out_root: Path, compile_: bool, files: Path | None = None,
+          base: Path | None = None, extra: tuple = ()) -> dict:
     import torch
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
@@ -81,7 +85,8 @@ def check(kind: str, folder: Path, out_root: Path, compile_: bool) -> dict:
     from krea_lite.pipeline import load_component
     from krea_lite.synthetic_gguf import gguf_name, write_gguf
 
-    path = folder / gguf_name(kind)
+    base = base or folder
+    path = (files or folder) / gguf_name(kind)
     row: dict = {"type": kind, "file": str(path)}
     if not path.exists():
         t0 = time.perf_counter()
@@ -89,13 +94,13 @@ def check(kind: str, folder: Path, out_root: Path, compile_: bool) -> dict:
         row["write_seconds"] = round(time.perf_counter() - t0, 1)
     row["file_gib"] = round(path.stat().st_size / 2**30, 3)
     out = out_root / kind
-    row["quantize"] = convert(path, folder, out)
+    row["quantize"] = convert(path, base, out, extra)
     if row["quantize"]["returncode"] != 0:
         return row
     x = inputs("cuda")
     ref_model = FluxTransformer2DModel.from_single_file(
         str(path), quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16),
-        config=str(folder / "transformer"), torch_dtype=torch.bfloat16).to("cuda")
+        config=str(base / "transformer"), torch_dtype=torch.bfloat16).to("cuda")
     ref, row["diffusers_s_per_step"] = timed(ref_model, x)
     del ref_model
     torch.cuda.empty_cache()
@@ -121,13 +126,19 @@ def main() -> int:
     ap.add_argument("--types", nargs="+", default=["Q8_0", "Q4_K"])
     ap.add_argument("--out-root", required=True, type=Path, help="where the converted folders go")
     ap.add_argument("--compile", action="store_true", help="also torch.compile our transformer's blocks")
+    ap.add_argument("--files", type=Path, help="where the .gguf is (default --synthetic) and --t5/--clip/--vae are")
+    ap.add_argument("--base", type=Path, help="configs and tokenizers for quantize --base (default --synthetic)")
+    for c in ("t5", "clip", "vae"):
+        ap.add_argument(f"--{c}", help=f"a ComfyUI {c} file name inside --files, passed to quantize --{c}")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import torch
 
     rows = []
     for kind in args.types:
-        row = check(kind, args.synthetic, args.out_root, args.compile)
+        extra = tuple(x for c in ("t5", "clip", "vae") if getattr(args, c)
+                      for x in (f"--{c}", str((args.files or args.synthetic) / getattr(args, c))))
+        row = check(kind, args.synthetic, args.out_root, args.compile, args.files, args.base, extra)
         rows.append(row)
         q = row["quantize"]
         print(f"{kind}: file {row['file_gib']} GiB; quantize rc {q['returncode']} in {q['seconds']} s, peak RSS "

@@ -16,6 +16,15 @@
 #   gguf       benchmarks/gguf_check.py: a Q8_0 (GGUF_TYPES) .gguf written from the synthetic folder, converted (time,
 #              RSS), our kept blocks against diffusers' GGUF loader at 1024² (rel. error, s/step).
 #              Disk: synth 34 GB + a Q8_0 .gguf 12.7 GB + its folder 12.7 GB: run it on a fresh machine (64 GB).
+#   profile    benchmarks/profile_step.py: fp8mm + compile at none 8 6 4 GiB, per-stream GPU busy/idle time per step
+#   comfy      a user's ComfyUI files from the synthetic folder: a Q4_K .gguf, t5xxl_fp8_e4m3fn_scaled, clip_l, ae in
+#              $W/files and a folder of configs/tokenizers only in $W/base; FREE_SYNTH=1 then deletes the synthetic
+#              transformer and T5 weights (disk: later stages need only the folders made from them)
+#   newuser    those files -> a folder (gguf_check: time, RSS, our step vs diffusers' GGUF loader), then
+#              `krea-lite generate --vram-gb 8` from it, eager and with --compile, 28 steps 1024²
+#   gguf       ... or, with the `comfy` files: GGUF_FILES=1 checks them as newuser does, then the interleaved
+#              gguf cell against nf4 at none and 8 GiB (GGUF_ARGS=--compile compiles the gguf side)
+#   genlora    generate --vram-gb 8 on nf4 with two rank-64 LoRAs, 28 steps 1024²
 #   gen8       generate --compile --vram-gb 8 on fp8mm twice (the second process finds the compile cache warm),
 #              then NF4 at 8 GiB uncompiled, and fp8mm with a LoRA: 28 steps 1024², text encoding and decode included
 # Re-running skips what /tmp/krea already holds; the bench resumes /tmp/krea/bench/bench.json and stops
@@ -53,7 +62,7 @@ for s in $stages; do
     lora) specs=("fp8mm --compile" "nf4"); [ -n "${LORA_ONLY:-}" ] && specs=("$LORA_ONLY")
           for spec in "${specs[@]}"; do set -- $spec; python3 -m krea_lite.bench \
              --workdir $W/qb --models $1=$W/q/full-$1 --schemes $1 --budgets none 8 --resolutions 1024x1024 --batches 1 \
-             --steps 4 --warmup 2 --e2e-steps 0 --interleave 3 ${2:-} --loras 3 --lora-rank 64 --lora-fused --anchors --time-budget 0 \
+             --steps 4 --warmup 2 --e2e-steps 0 --interleave 3 --interleave-only ${2:-} --loras 3 --lora-rank 64 --lora-fused --anchors --time-budget 0 \
              --cell-timeout ${LORA_TIMEOUT:-500} --out $W/lora-$1/ratio.json 2>&1 | tee "$OUT/lora-$1.log" | grep -E "ratio|\|" | tail -20
              cp $W/lora-$1/ratio.json "$OUT/lora-$1.json"; done ;;
     gen8) for run in 1 2; do python3 -m krea_lite.cli generate --model $W/q/full-fp8mm \
@@ -65,12 +74,31 @@ for s in $stages; do
              --verbose --quiet --steps 28 --seed 1 --lora /tmp/krea-lite-bench-loras/lora-full-r64-s0.safetensors \
              --out $W/png8 "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/gen8-fp8mm-lora.log" | tail -12
           ls -la $W/png8 | tail -5 ;;
-    gguf) timeout 400 python3 benchmarks/gguf_check.py --synthetic $W/full --types ${GGUF_TYPES:-Q8_0} --out-root $W/gq \
-             --json "$OUT/gguf-check.json" 2>&1 | tail -12
-          t=${GGUF_TYPES:-Q8_0}; t=${t%% *}; [ -d $W/gq/$t ] && python3 -m krea_lite.bench --workdir $W/qb \
-             --models gguf=$W/gq/$t ${GGUF_NF4:+nf4=$W/q/full-nf4} --schemes gguf ${GGUF_NF4:+nf4} --budgets none 8 \
-             --resolutions 1024x1024 --batches 1 --steps 4 --warmup 1 --e2e-steps 0 --interleave 3 --anchors \
-             --cell-timeout 300 --out $W/gguf-bench/ratio.json 2>&1 | grep -E "ratio|\|" | tail -12 ;;
+    gguf) t=${GGUF_TYPES:-Q8_0}; t=${t%% *}
+          [ -f $W/gq/$t/krea_lite.json ] || timeout 400 python3 benchmarks/gguf_check.py --synthetic $W/full \
+             --types ${GGUF_TYPES:-Q8_0} --out-root $W/gq --json "$OUT/gguf-check.json" 2>&1 | tail -12
+          [ -d $W/gq/$t ] && python3 -m krea_lite.bench --workdir $W/qb --models gguf=$W/gq/$t nf4=$W/q/full-nf4 \
+             --schemes gguf --against nf4 --budgets none 8 --resolutions 1024x1024 --batches 1 --steps 4 --warmup 2 \
+             --e2e-steps 0 --interleave 3 --interleave-only --anchors --cell-timeout 420 ${GGUF_ARGS:-} --out $W/gguf-bench/ratio.json 2>&1 \
+             | tee "$OUT/gguf-bench.log" | grep -E "ratio|\|" | tail -14; cp $W/gguf-bench/ratio.json "$OUT/gguf-bench.json" ;;
+    comfy) [ -f $W/files/ae.safetensors ] || python3 -c "
+import shutil; from pathlib import Path
+from krea_lite.synthetic_comfy import write_comfy_files; from krea_lite.synthetic_gguf import gguf_name, write_gguf
+W = Path('$W'); write_comfy_files(W / 'full', W / 'files', kinds=('t5_fp8_scaled', 'clip_l', 'ae'))
+write_gguf(W / 'full', W / 'files' / gguf_name('Q4_K'), 'Q4_K')
+shutil.copytree(W / 'full', W / 'base', ignore=shutil.ignore_patterns('*.safetensors', '*.gguf', '*.index.json'))"
+          ls -la $W/files; [ -n "${FREE_SYNTH:-}" ] && rm -f $W/full/transformer/*.safetensors* $W/full/text_encoder_2/*.safetensors* ;;
+    newuser) [ -f $W/gq/Q4_K/krea_lite.json ] || timeout 400 python3 benchmarks/gguf_check.py --synthetic $W/full \
+             --files $W/files --base $W/base --t5 t5xxl_fp8_e4m3fn_scaled.safetensors --clip clip_l.safetensors \
+             --vae ae.safetensors --types Q4_K --out-root $W/gq --json "$OUT/gguf-check.json" 2>&1 | tail -8
+          for c in "" --compile; do python3 -m krea_lite.cli generate --model $W/gq/Q4_K --vram-gb 8 $c --verbose --quiet \
+             --steps 28 --seed 1 --out $W/png-gguf "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/gen8-gguf$c.log" | tail -8; done ;;
+    profile) timeout 420 python3 benchmarks/profile_step.py --model $W/q/full-fp8mm --cards none 8 6 4 --compile \
+             --json "$OUT/profile-fp8mm.json" 2>&1 | grep "^{" ;;
+    genlora) python3 -m krea_lite.cli generate --model $W/q/full-nf4 --vram-gb 8 --verbose --quiet --steps 28 --seed 1 \
+             --lora /tmp/krea-lite-bench-loras/lora-full-r64-s0.safetensors \
+             --lora /tmp/krea-lite-bench-loras/lora-full-r64-s1.safetensors:0.5 --out $W/png-lora \
+             "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/gen8-nf4-lora.log" | tail -12 ;;
     mutations) timeout 420 python3 scripts/mutations.py 2>&1 | tee "$OUT/mutations.log" | tail -10 ;;
     generate) python3 -m krea_lite.cli --debug generate --model $W/q/full-nf4 --vram-gb ${VRAM:-8} --verbose --quiet \
              --steps ${STEPS:-28} --out $W/png "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/generate.log" | tail -30 ;;

@@ -68,6 +68,11 @@ def test_quick_matrix_order():
     assert anchors["anchor bf16_resident 1024x1024 b1"] is None  # the card that fits everything: uncapped
     assert anchors["anchor nf4_group_leaf_stream 8GiB 1024x1024 b1"] == 8  # the others at the same cap as ours
     assert ids[14] == "krea nf4 none 512x512 b1"  # other resolutions last
+    s = bench._settings(_args("--quick", "--interleave", "3", "--interleave-only", "--against", "nf4"))
+    only = bench.plan_cells(s, ["gguf", "nf4"], have_source=True, have={"bf16": True, "nf4": True})
+    assert [(c["kind"], c["name"], c["against_schemes"]) for c in only] == [("ratio", "gguf", ["nf4"]),
+                                                                           ("ratio", "nf4", [])]
+    assert only[0]["id"].startswith("ratio gguf vs nf4 1024x1024")
     assert {c["width"] for c in cells if c["kind"] == "anchor"} == {1024}
     both = bench.plan_cells(bench._settings(_args("--quick", "--anchor-budgets", "none", "8")), ["nf4"],
                             have_source=True, have={"bf16": True, "nf4": True})
@@ -295,11 +300,56 @@ def test_ratio_cell_with_loras_measures_each_card_with_and_without_them(quantize
     m = result["metrics"]
     assert sorted(m["runs"]) == sorted(f"{c}{v}" for c in ("None", "8") for v in
                                        ("", "+lora1", "+lora3", "+lora1fused", "+lora3fused"))
-    assert len(list((tmp_path / "loras").glob("*.safetensors"))) == 3 and len(m["loras"]) == 3
+    assert len(list((tmp_path / "loras").glob("*-r4-*.safetensors"))) == 3 and len(m["loras"]) == 3
     for v in ("lora+lora1", "lora+lora3", "lora+lora3fused"):
         assert m["ratios"][v]["None"]["rounds"] == 3 and m["ratios"][v]["8"]["ratio_median"] > 0
     assert all(r["equals_resident"] for r in m["runs"]["8+lora3"][1:])  # streamed == resident with LoRAs too
     assert all(r["equals_resident"] for r in m["runs"]["8+lora3fused"][1:])
+    sw = m["lora_switch"]  # load and switch times of the cell's LoRAs and of two rank-8 ones, resident and capped
+    assert set(sw["None"]) == set(sw["8"]) == {f"rank{r}_{w}_s" for r in (8, 4) for w in ("load", "switch")}
+    assert all(v > 0 for v in sw["8"].values()) and len(sw["files_mb"]) == 4
+
+
+def test_ratio_cell_against_another_scheme_takes_turns_in_the_same_process(quantized, tmp_path):
+    from krea_lite.bench.cells import _cell_ratio
+    from krea_lite.bench.report import ratio_table
+
+    cell = dict(id="ratio bf16 vs qint8", kind="ratio", name="bf16", model=str(quantized("bf16")), device="cpu",
+                budgets=[8], rounds=3, width=64, height=64, batch=1, steps=1, warmup=1, text_tokens=8,
+                image_tokens=16, against={"qint8": str(quantized("qint8"))}, key="r")
+    result = {"metrics": {}}
+    _cell_ratio(cell, result, lambda: None)
+    m = result["metrics"]
+    assert sorted(m["runs"]) == ["8", "8@qint8", "None", "None@qint8"]
+    assert [r["round"] for r in m["runs"]["8@qint8"]] == [0, 1, 2]
+    vs = m["ratios"]["vs@qint8"]
+    assert vs["8"]["rounds"] == 3 and vs["None"]["ratio_median"] > 0 and vs["target"] is None
+    assert m["ratios@qint8"]["8"]["equals_resident"]  # the other scheme streamed == its own resident step
+    doc = {"cells": [dict(cell, status="ok", metrics=m)]}
+    assert "| bf16 64x64 | qint8 | 8 GiB |" in ratio_table(doc)
+
+
+def test_profile_summary_splits_stream_busy_and_idle_time():
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "benchmarks" / "profile_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ev = [("kernel", "gemm", 0, 40), ("kernel", "gemm", 30, 20), ("kernel", "norm", 80, 20),  # busy 0-50, 80-100
+          ("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 40, 30), ("gpu_memcpy", "Memcpy DtoD", 0, 100)]
+    trace = {"traceEvents": [{"ph": "X", "cat": c, "name": n, "ts": t, "dur": d} for c, n, t, d in ev]}
+    got = module.summarize(trace, steps=1, wall_s=0.2)
+    assert got["compute_busy_ms_per_step"] == 0.07 and got["copy_busy_ms_per_step"] == 0.03  # µs -> ms
+    assert got["overlap_ms_per_step"] == 0.01 and got["compute_idle_while_copying_ms_per_step"] == 0.02
+    assert got["both_idle_ms_per_step"] == 0.01 and got["gpu_span_ms_per_step"] == 0.1  # 70-80 nothing runs
+    assert list(got["top_kernels_ms_per_step"]) == ["gemm", "norm"] and got["wall_ms_per_step"] == 200
+
+
+def test_against_needs_the_other_folder(tmp_path, capsys):
+    from krea_lite.bench import main
+
+    assert main(["--models", f"bf16={tmp_path}", "--schemes", "bf16", "--interleave", "3", "--budgets", "none", "8",
+                 "--against", "nf4", "--out", str(tmp_path / "b.json")]) == 2
+    assert "--against nf4: no nf4 folder; give it as --models nf4=DIR" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
 
 
 def test_ratio_summary_physical_limit_says_copy_or_compute_bound():

@@ -474,6 +474,8 @@ def _cell_ref(cell: dict, result: dict, save) -> None:
 RATIO_TARGETS = {8.0: 1.05, 6.0: 1.08, 4.0: 1.10}
 # The 8-bit-matmul schemes at 6 and 4 GiB: the step within 5% of its physical limit (issue "Faster than bf16").
 LIMIT_TARGETS = {6.0: 1.05, 4.0: 1.05}
+# --against: this scheme's step over another's at the same card (issue "Start from the files users already have")
+AGAINST_TARGETS = {("gguf", "nf4"): 1.15}
 
 
 def ratio_targets(cell: dict) -> tuple[dict, str]:
@@ -516,11 +518,16 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
         m["h2d_gbps"] = _h2d_gbps(dev)
     adapters = [r.adapter for r in active_loras(pipe)]
     m["loras"] = [{"file": Path(p).name, "rank": cell.get("lora_rank")} for p in loras]
-    sizes = measure(pipe)
+    # --against: other schemes' folders (eager, no LoRA) take their turns at every card too, variant "@scheme"
+    pipes = {"": pipe} | {f"@{name}": load_pipeline(path, device=str(dev), width=cell["width"], height=cell["height"],
+                                                    batch=cell["batch"])
+                          for name, path in (cell.get("against") or {}).items()}
+    sizes = {v: measure(p) for v, p in pipes.items()}
     kw = _step_inputs(pipe.transformer, cell, dev)
     # each card runs without LoRA and, when the cell has LoRAs, with the first one and with all of them
     variants = [""] + ([f"+lora{n}{f}" for n in sorted({1, len(adapters)})
                         for f in ("", "fused")[:1 + bool(cell.get("lora_fused"))]] if adapters else [])
+    variants += [v for v in pipes if v]
     configs = [(card, v) for card in [None, *cell["budgets"]] for v in variants]
     runs = {f"{c}{v}": [] for c, v in configs}
     counters0 = None
@@ -529,7 +536,12 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
     first_out = {}
     for r in range(cell["rounds"]):
         for card, variant in (configs if r % 2 == 0 else configs[::-1]):
-            if adapters:
+            which = variant if variant.startswith("@") else ""
+            p = pipes[which]
+            for other in pipes.values():  # one placement on the card at a time
+                if other is not p and getattr(other.krea_lite.placement, "closed", True) is False:
+                    other.krea_lite.close()
+            if adapters and not which:
                 if variant:
                     pipe.enable_lora()
                     n = int(variant.removeprefix("+lora").removesuffix("fused"))
@@ -540,12 +552,12 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
             if dev.type == "cuda":
                 torch.cuda.set_per_process_memory_fraction(1.0, dev.index or 0)
             budget = None if card is None else Budget(card)
-            place(pipe, plan_for_budget(sizes, None if budget is None else budget.allocator_bytes,
-                                        width=cell["width"], height=cell["height"], batch=cell["batch"],
-                                        spread=bool(cell.get("spread"))))
+            place(p, plan_for_budget(sizes[which], None if budget is None else budget.allocator_bytes,
+                                     width=cell["width"], height=cell["height"], batch=cell["batch"],
+                                     spread=bool(cell.get("spread"))))
             if budget is not None and dev.type == "cuda":
                 budget.enforce(dev)
-            placement = pipe.krea_lite.placement
+            placement = p.krea_lite.placement
             for st in placement.streamers.values():
                 st.profile = True
             _reset_peaks(dev)
@@ -559,7 +571,7 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
                         retries = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0) if dev.type == "cuda" else 0
                     _sync(dev)
                     t0, c0 = time.perf_counter(), time.process_time()
-                    out = pipe.transformer(**kw)[0]
+                    out = p.transformer(**kw)[0]
                     _sync(dev)
                     if i >= cell["warmup"]:
                         times.append(time.perf_counter() - t0)
@@ -594,13 +606,70 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
         m["recompiles_last_round"] = compile_counters()["graphs"] - counters0["graphs"]
     if cell.get("compile"):
         m["compile"] = {k: v for k, v in (pipe.krea_lite.seconds or {}).items() if "compile" in k}
-    pipe.krea_lite.close()
+    if adapters:
+        m["lora_switch"] = _lora_switch_times(pipe, cell, dev, sizes[""])
+    for p in pipes.values():
+        p.krea_lite.close()
     m["runs"] = runs
     m["ratios"] = ratio_summary(runs, cell["budgets"], m.get("h2d_gbps"), *ratio_targets(cell))
-    for v in variants[1:]:  # LoRA overhead: the same card with and without the LoRAs, per round
-        m["ratios"][f"lora{v}"] = {str(c): _per_round(runs[f"{c}{v}"], runs[str(c)])
-                                   for c in [None, *cell["budgets"]]}
+    for v in variants[1:]:
+        if v.startswith("@"):  # this scheme's step over the other scheme's at the same card, per round
+            m["ratios"][f"vs{v}"] = {str(c): _per_round(runs[str(c)], runs[f"{c}{v}"])
+                                     for c in [None, *cell["budgets"]]}
+            m["ratios"][f"vs{v}"]["target"] = AGAINST_TARGETS.get((cell["name"], v[1:]))
+            m[f"ratios{v}"] = ratio_summary({k.removesuffix(v): x for k, x in runs.items() if k.endswith(v)},
+                                            cell["budgets"], m.get("h2d_gbps"), {}, "")
+        else:  # LoRA overhead: the same card with and without the LoRAs, per round
+            m["ratios"][f"lora{v}"] = {str(c): _per_round(runs[f"{c}{v}"], runs[str(c)])
+                                       for c in [None, *cell["budgets"]]}
     save()
+
+
+def _lora_switch_times(pipe, cell: dict, dev, sizes) -> dict:
+    """Seconds to load a LoRA file onto the loaded pipeline and to switch to another (checks, peft layers,
+    the move to the GPU and any re-placement included), per card: the cell's LoRAs and two rank-8 ones
+    (~90 MB on the full-size model), after every adapter was removed."""
+    import torch
+
+    from ..lora import fused_side_branch, use_loras
+    from ..pipeline import place
+    from ..plan import Budget, plan_for_budget
+    from ..synthetic_lora import write_lora
+
+    folder = Path(cell.get("lora_dir") or "/tmp/krea-lite-bench-loras")
+    size = "full" if pipe.transformer.config.num_layers == 19 else "tiny"
+    small = []
+    for seed in (100, 101):
+        path = folder / f"lora-{size}-r8-s{seed}.safetensors"
+        if not path.exists():
+            write_lora(path, "diffusers", size=size, rank=8, seed=seed)
+        small.append(path)
+    big = _bench_loras(cell)[:2]
+    fused_side_branch(pipe, enable=False)
+    pipe.enable_lora()
+    out = {"files_mb": {p.name: round(p.stat().st_size / 1e6, 1) for p in [*small, *big]}}
+    for card in [None, *cell["budgets"][:1]]:
+        if dev.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, dev.index or 0)
+        use_loras(pipe, [])
+        budget = None if card is None else Budget(card)
+        place(pipe, plan_for_budget(sizes, None if budget is None else budget.allocator_bytes, width=cell["width"],
+                                    height=cell["height"], batch=cell["batch"]))
+        if budget is not None and dev.type == "cuda":
+            budget.enforce(dev)
+        row = {}
+        for what, files in (("rank8", small), (f"rank{cell.get('lora_rank')}", big)):
+            for i, label in enumerate(("load", "switch")):
+                _sync(dev)
+                t0 = time.perf_counter()
+                use_loras(pipe, [(files[i], 1.0)])
+                _sync(dev)
+                row[f"{what}_{label}_s"] = round(time.perf_counter() - t0, 3)
+            use_loras(pipe, [])
+        out[str(card)] = row
+    if dev.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(1.0, dev.index or 0)
+    return out
 
 
 def _per_round(runs: list, base: list) -> dict:

@@ -70,12 +70,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also measure streamed/resident step ratios interleaved in one process: ROUNDS rounds "
                         "of resident and every capped --budgets card taking turns (3 or more; 0: off)")
     m.add_argument("--compile", action="store_true", help="--interleave cells: load_pipeline(compile=True)")
+    m.add_argument("--interleave-only", action="store_true", help="run only the --interleave cells")
     m.add_argument("--loras", type=int, default=0, metavar="N",
                    help="--interleave cells: N synthetic LoRAs loaded; every card also runs with the first and "
                         "with all N active (ratios to the same card without LoRA)")
     m.add_argument("--lora-rank", type=int, default=64, help="rank of the --loras LoRAs (default 64)")
     m.add_argument("--spread", action="store_true",
                    help="--interleave cells: plan_for_budget(spread=True), streamed blocks spread through each list")
+    m.add_argument("--against", nargs="+", default=[], choices=SCHEMES, metavar="SCHEME",
+                   help="--interleave cells: these schemes' folders (--models, eager, no LoRA) take turns at every "
+                        "card too; each card's step is also reported over theirs at the same card")
     m.add_argument("--lora-fused", action="store_true",
                    help="--loras cells: also run each LoRA variant with lora.fused_side_branch (opt-in fused path)")
     m.add_argument("--cell-timeout", type=float, help="seconds before a cell is killed")
@@ -103,7 +107,8 @@ def _settings(args) -> dict:
              guidance=args.guidance, text_tokens=args.text_tokens, interleave=getattr(args, "interleave", 0) or 0,
              compile=bool(getattr(args, "compile", False)), loras=getattr(args, "loras", 0) or 0,
              lora_rank=getattr(args, "lora_rank", 64), lora_fused=bool(getattr(args, "lora_fused", False)),
-             spread=bool(getattr(args, "spread", False)))
+             spread=bool(getattr(args, "spread", False)), interleave_only=bool(getattr(args, "interleave_only", False)),
+             against=list(getattr(args, "against", None) or []))
     if s["interleave"] and s["interleave"] < 3:
         raise _error(f"--interleave {s['interleave']}: give at least 3 rounds (a spread needs them), or 0 for none")
     if s["e2e_steps"] is not None and s["e2e_steps"] < 0:
@@ -168,12 +173,19 @@ def plan_cells(s: dict, schemes: list[str], have_source: bool, have: dict[str, b
                for bg in ([None] if a == "bf16_resident" else s["anchor_budgets"])]
     capped = [b for b in s["budgets"] if b is not None]
     extra = (" compile" if s.get("compile") else "") + (" spread" if s.get("spread") else "") + (f" lora{s['loras']}r{s['lora_rank']}" if s.get("loras") else "")
-    ratios = [dict(common, id=f"ratio {sc}{extra} {_rid(*first)} x{s['interleave']}", kind="ratio", name=sc,
+
+    def against(sc):
+        return [a for a in s.get("against", []) if a != sc]
+
+    ratios = [dict(common, id=f"ratio {sc}{extra}{''.join(' vs ' + a for a in against(sc))} {_rid(*first)} "
+                              f"x{s['interleave']}", kind="ratio", name=sc, against_schemes=against(sc),
                    compile=s.get("compile", False), loras=s.get("loras", 0), lora_rank=s.get("lora_rank", 64),
                    lora_fused=s.get("lora_fused", False), spread=s.get("spread", False),
                    budget_gib=None, budgets=capped, rounds=s["interleave"], width=first[0], height=first[1],
                    batch=first[2], image_tokens=(first[0] // 16) * (first[1] // 16))
               for sc in schemes] if s.get("interleave") and capped else []
+    if s.get("interleave_only"):
+        return ratios
     cells = ratios + [c for sc in schemes for c in krea(sc, *first)] + anchors + ref(*first)
     for shape in rest:
         cells += [c for sc in schemes for c in krea(sc, *shape)] + ref(*shape)

@@ -228,7 +228,7 @@ def _ratio_label(c: dict) -> str:
 def ratio_table(doc: dict) -> str:
     """The interleaved ratio cells: per card, capped step / resident step of the same round, the physical
     limit max(resident step, streamed bytes / host-to-device bandwidth), and the LoRA overheads."""
-    rows, lora_rows = [], []
+    rows, lora_rows, vs_rows = [], [], []
     for c in doc["cells"]:
         if c["kind"] != "ratio" or not (r := c.get("metrics", {}).get("ratios")):
             if c["kind"] == "ratio" and c.get("status") != "ok":
@@ -256,6 +256,20 @@ def ratio_table(doc: dict) -> str:
                                      f"{c['loras']} (rank {c['lora_rank']}) | "
                                      f"{x['ratio_median']:.3f} ({x['ratio_min']:.3f}–{x['ratio_max']:.3f}, "
                                      f"{x['rounds']} rounds) |")
+        for card, x in sorted((k, v) for k, v in c["metrics"].get("lora_switch", {}).items() if k != "files_mb"):
+            where = "resident" if card == "None" else f"{float(card):g} GiB"
+            lora_rows.append(f"| {c['name']} | {where} | load / switch one LoRA file, seconds | " + ", ".join(
+                f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f}" for k, v in sorted(x.items())) + " |")
+        for variant, per_card in sorted((k, v) for k, v in r.items() if k.startswith("vs@")):
+            target = per_card.get("target")
+            for card, x in per_card.items():
+                if card != "target" and x:
+                    met = "" if target is None else (f"≤ {target:.2f} " + ("met" if x["ratio_median"] <= target
+                                                                            else "**missed**"))
+                    vs_rows.append(f"| {_ratio_label(c)} | {variant.removeprefix('vs@')} | "
+                                   f"{'resident' if card == 'None' else f'{float(card):g} GiB'} | "
+                                   f"{x['ratio_median']:.3f} ({x['ratio_min']:.3f}–{x['ratio_max']:.3f}, "
+                                   f"{x['rounds']} rounds) | {met} |")
     out = []
     if rows:
         out.append("Interleaved streamed/resident step ratios (one process, resident and each card taking turns; "
@@ -268,6 +282,11 @@ def ratio_table(doc: dict) -> str:
         out.append("LoRA overhead (same process, interleaved: each card's step with the LoRAs active over the same "
                    "round's step with them loaded but disabled):\n\n"
                    "| base | card | LoRAs active | step ratio (min–max) |\n|---|---|---|---|\n" + "\n".join(lora_rows))
+    if vs_rows:
+        out.append("Against another scheme (same process, interleaved: this scheme's step over the other's at the "
+                   "same card, the other loaded eager without LoRA):\n\n"
+                   "| model | against | card | step ratio (min–max) | target |\n|---|---|---|---|---|\n"
+                   + "\n".join(vs_rows))
     return "\n\n".join(out)
 
 

@@ -224,6 +224,8 @@ def _run(args) -> int:
     if not models and not (args.source or args.synthetic or args.workdir):
         raise _error("nothing to benchmark: give --models SCHEME=DIR ..., --source SRC --workdir DIR, "
                      "or --synthetic full --workdir DIR")
+    if missing := [a for a in s["against"] if a not in models and a not in s["schemes"]]:
+        raise _error(f"--against {missing[0]}: no {missing[0]} folder; give it as --models {missing[0]}=DIR")
     out = args.out or Path("benchmarks/results") / f"bench-{datetime.now():%Y%m%d-%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = (args.workdir / "bench-scratch") if args.workdir else out.with_name(out.stem + "-scratch")
@@ -260,7 +262,8 @@ def _run(args) -> int:
     for i, cell in enumerate(cells, 1):
         if args.resume and cell["id"] in done:
             continue
-        cell = dict(cell, device=device, model=models.get(cell["name"]), source=ref_dir, nf4=models.get("nf4"))
+        cell = dict(cell, device=device, model=models.get(cell["name"]), source=ref_dir, nf4=models.get("nf4"),
+                    against={a: models.get(a) for a in cell.get("against_schemes", [])})
         why = _cannot_run(cell, device)
         res = {"status": "skipped", "error": why} if why else runner.child(cell)
         runner.record(cell, res)
