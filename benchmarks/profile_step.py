@@ -139,11 +139,11 @@ def main() -> int:
                            args.warmup, args.steps)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "top_kernels_ms_per_step"}), flush=True)
-    if args.json:
-        from krea_lite.checkpoint import library_versions
+        if args.json:  # after every card: a run cut short keeps what it measured
+            from krea_lite.checkpoint import library_versions
 
-        args.json.write_text(json.dumps({"card": torch.cuda.get_device_name(), "model": args.model,
-                                         "libraries": library_versions(), "rows": rows}, indent=2))
+            args.json.write_text(json.dumps({"card": torch.cuda.get_device_name(), "model": args.model,
+                                             "libraries": library_versions(), "rows": rows}, indent=2))
     return 0
 
 

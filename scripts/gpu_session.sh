@@ -93,7 +93,7 @@ shutil.copytree(W / 'full', W / 'base', ignore=shutil.ignore_patterns('*.safeten
              --vae ae.safetensors --types Q4_K --out-root $W/gq --json "$OUT/gguf-check.json" 2>&1 | tail -8
           for c in "" --compile; do python3 -m krea_lite.cli generate --model $W/gq/Q4_K --vram-gb 8 $c --verbose --quiet \
              --steps 28 --seed 1 --out $W/png-gguf "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/gen8-gguf$c.log" | tail -8; done ;;
-    profile) timeout 420 python3 benchmarks/profile_step.py --model $W/q/full-fp8mm --cards none 8 6 4 --compile \
+    profile) timeout ${PROFILE_TIMEOUT:-420} python3 benchmarks/profile_step.py --model $W/q/full-fp8mm --cards none 8 6 4 --compile \
              --json "$OUT/profile-fp8mm.json" 2>&1 | grep "^{" ;;
     genlora) python3 -m krea_lite.cli generate --model $W/q/full-nf4 --vram-gb 8 --verbose --quiet --steps 28 --seed 1 \
              --lora /tmp/krea-lite-bench-loras/lora-full-r64-s0.safetensors \
