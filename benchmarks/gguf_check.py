@@ -5,6 +5,8 @@ it with `krea-lite quantize FILE.gguf --base FOLDER` in a child process (time, p
 with diffusers (`FluxTransformer2DModel.from_single_file(..., GGUFQuantizationConfig(bf16))`) and our folder's
 transformer, run one forward at 1024x1024 (4096 image + 512 text tokens) with the same inputs, and print the
 relative error between the two outputs (target <= 1e-2) and the s/step of each (median of 3 after a warm-up).
+It also runs diffusers' model once with its GGUF blocks dequantized in float32 (`exact_dequantize`): krea-lite
+dequantizes in float32, diffusers in float16, and the two extra errors say how much of the gap that rounding is.
 diffusers' Flux single-file converter hard-codes the real widths, so this needs `--size full` synthetic folders.
 
     krea-lite synth /tmp/flux-full --size full --gguf Q8_0 Q4_K
@@ -23,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -73,7 +76,32 @@ def timed(model, x, repeats: int = 3):
             model(**x)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-    return out.float().cpu(), round(statistics.median(times), 4)
+    return out.float().cpu(), round(statistics.median(times), 4) if times else None
+
+
+@contextmanager
+def exact_dequantize():
+    """diffusers' GGUFLinear dequantizing in float32 (gguf-py's reference values) instead of its float16 default.
+
+    Its default rounds each weight to float16 before the bf16 cast (1 bf16 ulp off on 5-15% of the weights of
+    a K-type block); krea-lite dequantizes in float32. This tells that rounding apart from any other difference."""
+    import torch
+    from diffusers.quantizers.gguf import utils
+
+    def float32(tensor):
+        if not hasattr(tensor, "quant_type"):
+            return tensor
+        from krea_lite.gguf_file import dequantize
+
+        raw = tensor.as_tensor().view(torch.uint8)
+        return dequantize(raw, tensor.quant_type)
+
+    saved = utils.dequantize_gguf_tensor
+    utils.dequantize_gguf_tensor = float32
+    try:
+        yield
+    finally:
+        utils.dequantize_gguf_tensor = saved
 
 
 def check(kind: str, folder: Path, out_root: Path, compile_: bool, files: Path | None = None,
@@ -102,6 +130,8 @@ def check(kind: str, folder: Path, out_root: Path, compile_: bool, files: Path |
         str(path), quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16),
         config=str(base / "transformer"), torch_dtype=torch.bfloat16).to("cuda")
     ref, row["diffusers_s_per_step"] = timed(ref_model, x)
+    with exact_dequantize():  # the same diffusers model, its blocks dequantized in float32 as gguf-py does
+        exact, _ = timed(ref_model, x, repeats=0)
     del ref_model
     torch.cuda.empty_cache()
     info = json.loads((out / "krea_lite.json").read_text())["components"]["transformer"]
@@ -114,6 +144,8 @@ def check(kind: str, folder: Path, out_root: Path, compile_: bool, files: Path |
     got, row["krea_lite_s_per_step"] = timed(ours, x)
     row["compiled"] = compile_
     row["rel_err"] = float((got - ref).norm() / ref.norm())
+    row["rel_err_vs_diffusers_float32_dequant"] = float((got - exact).norm() / exact.norm())
+    row["diffusers_float16_vs_float32_dequant"] = float((ref - exact).norm() / exact.norm())
     row["ok"] = row["rel_err"] <= 1e-2
     del ours
     torch.cuda.empty_cache()
@@ -143,7 +175,9 @@ def main() -> int:
         q = row["quantize"]
         print(f"{kind}: file {row['file_gib']} GiB; quantize rc {q['returncode']} in {q['seconds']} s, peak RSS "
               f"{q['peak_vmrss_gib']} GiB (anon {q['peak_rss_anon_gib']}); diffusers {row.get('diffusers_s_per_step')} s/step, krea-lite "
-              f"{row.get('krea_lite_s_per_step')} s/step; rel err {row.get('rel_err')}", flush=True)
+              f"{row.get('krea_lite_s_per_step')} s/step; rel err {row.get('rel_err')} (vs diffusers dequantizing in float32: "
+              f"{row.get('rel_err_vs_diffusers_float32_dequant')}; diffusers float16 vs float32 dequantize: "
+              f"{row.get('diffusers_float16_vs_float32_dequant')})", flush=True)
     if args.json:
         from krea_lite.checkpoint import library_versions
 

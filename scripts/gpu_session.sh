@@ -24,6 +24,9 @@
 #              `krea-lite generate --vram-gb 8` from it, eager and with --compile, 28 steps 1024²
 #   gguf       ... or, with the `comfy` files: GGUF_FILES=1 checks them as newuser does, then the interleaved
 #              gguf cell against nf4 at none and 8 GiB (GGUF_ARGS=--compile compiles the gguf side)
+#   cgroup16   generate --vram-gb 8 (CG_SCHEME, default fp8mm; CG_ARGS, default --compile) inside a cgroup-v2 of
+#              memory.max 16G, no swap: host RAM of a 16 GiB machine (memory.peak counts page cache too)
+#   loras      the bench's three random rank-64 LoRA files in /tmp/krea-lite-bench-loras (genlora and gen8 use them)
 #   genlora    generate --vram-gb 8 on nf4 with two rank-64 LoRAs, 28 steps 1024²
 #   gen8       generate --compile --vram-gb 8 on fp8mm twice (the second process finds the compile cache warm),
 #              then NF4 at 8 GiB uncompiled, and fp8mm with a LoRA: 28 steps 1024², text encoding and decode included
@@ -95,10 +98,25 @@ shutil.copytree(W / 'full', W / 'base', ignore=shutil.ignore_patterns('*.safeten
              --steps 28 --seed 1 --out $W/png-gguf "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/gen8-gguf$c.log" | tail -8; done ;;
     profile) timeout ${PROFILE_TIMEOUT:-420} python3 benchmarks/profile_step.py --model $W/q/full-fp8mm --cards none 8 6 4 --compile \
              --json "$OUT/profile-fp8mm.json" 2>&1 | grep "^{" ;;
+    loras) python3 -c "
+from pathlib import Path; from krea_lite.synthetic_lora import write_lora
+d = Path('/tmp/krea-lite-bench-loras'); d.mkdir(exist_ok=True)
+for s in (0, 1, 2):
+    p = d / f'lora-full-r64-s{s}.safetensors'; p.exists() or write_lora(p, 'diffusers', size='full', rank=64, seed=s)" ;;
     genlora) python3 -m krea_lite.cli generate --model $W/q/full-nf4 --vram-gb 8 --verbose --quiet --steps 28 --seed 1 \
              --lora /tmp/krea-lite-bench-loras/lora-full-r64-s0.safetensors \
              --lora /tmp/krea-lite-bench-loras/lora-full-r64-s1.safetensors:0.5 --out $W/png-lora \
              "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/gen8-nf4-lora.log" | tail -12 ;;
+    cgroup16) g=/sys/fs/cgroup/krea16; mkdir -p $g 2>/dev/null; grep -qw memory /sys/fs/cgroup/cgroup.subtree_control \
+             || echo +memory > /sys/fs/cgroup/cgroup.subtree_control
+          if echo 16G > $g/memory.max 2>/dev/null; then echo 0 > $g/memory.swap.max 2>/dev/null
+             (echo $BASHPID > $g/cgroup.procs && exec /usr/bin/time -v python3 -m krea_lite.cli generate \
+               --model $W/q/full-${CG_SCHEME:-fp8mm} --vram-gb 8 ${CG_ARGS:---compile} --verbose --quiet --steps 28 --seed 1 \
+               --out $W/png-cg "a lighthouse on a cliff at dawn") > "$OUT/cgroup16.log" 2>&1
+             echo "rc $?" >> "$OUT/cgroup16.log"; for f in memory.max memory.peak memory.events memory.stat; do
+               echo "== $f"; head -12 $g/$f; done >> "$OUT/cgroup16.log"
+             grep -E "rc |s/step|peak|Maximum resident|oom|== memory.(max|peak)" -A1 "$OUT/cgroup16.log" | head -24
+          else echo "no cgroup v2 memory controller here: $(cat /sys/fs/cgroup/cgroup.controllers 2>&1)" | tee "$OUT/cgroup16.log"; fi ;;
     mutations) timeout 420 python3 scripts/mutations.py 2>&1 | tee "$OUT/mutations.log" | tail -10 ;;
     generate) python3 -m krea_lite.cli --debug generate --model $W/q/full-nf4 --vram-gb ${VRAM:-8} --verbose --quiet \
              --steps ${STEPS:-28} --out $W/png "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/generate.log" | tail -30 ;;

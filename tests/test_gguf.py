@@ -321,3 +321,35 @@ def test_the_disk_estimate_covers_a_converted_gguf(folders, files, tiny_source):
     written = sum(p.stat().st_size for p in (out / "transformer").iterdir())
     estimate = _estimate_bytes(src, QuantizeConfig(transformer="bf16", text_encoder="bf16"))
     assert estimate >= written > 2 * files("Q4_K").stat().st_size
+
+
+def test_diffusers_gguf_linear_dequantizing_in_float32_is_ours_bit_for_bit():
+    """benchmarks/gguf_check.exact_dequantize: diffusers' own GGUFLinear, dequantizing in float32, computes our
+    GGUFLinear's output exactly; with its float16 default it does not (the rounding the full-size check reports)."""
+    import importlib.util
+    from pathlib import Path
+
+    from diffusers.quantizers.gguf.utils import GGUFLinear as DiffusersGGUFLinear
+
+    from krea_lite.synthetic_gguf import _random_k_blocks
+
+    spec = importlib.util.spec_from_file_location(
+        "gguf_check", Path(__file__).parents[1] / "benchmarks" / "gguf_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(1)) * 0.02
+    raw = _random_k_blocks(w, "Q4_K", seed=3)
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    outs = {}
+    for cls in (DiffusersGGUFLinear, GGUFLinear):
+        m = cls(512, 64, bias=False, compute_dtype=torch.bfloat16)
+        m.weight = GGUFParameter(raw, quant_type=gguf.GGMLQuantizationType.Q4_K)
+        outs[cls.__module__] = m
+    theirs, ours = outs.values()
+    with torch.no_grad():
+        default = theirs(x)
+        with check.exact_dequantize():
+            exact = theirs(x)
+        assert torch.equal(exact, ours(x))
+        assert not torch.equal(default, exact)  # float16 dequantization rounds some weights differently
+    assert torch.equal(theirs(x), default)  # the patch is undone on exit

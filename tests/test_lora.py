@@ -710,8 +710,11 @@ def test_fused_side_branch_follows_peft_and_switches_back(scheme, quantized, fil
     base = out(pipe, inputs)
     L.use_loras(pipe, [(files["a"], 0.8), (files["b"], 0.5)])
     peft_out = out(pipe, inputs)
+    before = {id(m): set(vars(m)) for m in pipe.transformer.modules()}
     assert L.fused_side_branch(pipe) == peft_layers(pipe) > 0
     fused = out(pipe, inputs)
+    added = {k for m in pipe.transformer.modules() for k in set(vars(m)) - before[id(m)]}
+    assert added == {"forward"}  # nothing cached per layer: no copies of the adapters
     assert not torch.equal(fused, base) and rel(fused, peft_out) < 1e-2
     pipe.set_adapters([L.active_loras(pipe)[0].adapter], [1.0])  # one adapter, another scale
     one = out(pipe, inputs)

@@ -759,35 +759,29 @@ _FUSED = "krea_lite_fused_side_branch"  # pipe attribute: fused_side_branch(pipe
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft's LoRA Linear forward with every active adapter's side branch in two matmuls: x @ [A1; A2; ...]^T,
-    then accumulated into the base output with [s1*B1, s2*B2, ...] (`torch.addmm`). What peft does, up to
-    rounding (one accumulation in the matmul instead of a bf16 product and add per adapter); anything this
-    path does not cover (disabled, merged, mixed-batch adapter_names, DoRA-style variants, lora_bias) runs
-    peft's own forward."""
+    """peft's LoRA Linear forward with each active adapter's side branch accumulated into the base output in
+    place: low = x @ A^T, then out += scale * low @ B^T in one `addmm_` (the scale applied inside the matmul).
+    No copy of the base output (peft clones it on bitsandbytes layers), no bf16 product and separate scale and
+    add per adapter, and no extra memory: the adapters' own tensors are used as they are. What peft does, up
+    to rounding; anything this path does not cover (training, disabled, merged, mixed-batch adapter_names,
+    DoRA-style variants, lora_bias) runs peft's own forward."""
     active = [a for a in self.active_adapters if a in self.lora_A]
-    if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or not active
-            or any(a in self.lora_variant or self.lora_B[a].bias is not None for a in active)):
+    if (torch.is_grad_enabled() or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
+            or not active or any(a in self.lora_variant or self.lora_B[a].bias is not None for a in active)):
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x, *args, **kwargs)
-    key = (tuple(active), tuple(self.scaling[a] for a in active),
-           tuple(self.lora_A[a].weight.data_ptr() for a in active), tuple(self.lora_B[a].weight.data_ptr() for a in active))
-    cached = getattr(self, "_krea_lite_fused", None)
-    if cached is not None and cached[0] == key and cached[1].device == x.device:
-        a, b = cached[1], cached[2]
-    else:
-        a = torch.cat([self.lora_A[n].weight for n in active])
-        b = torch.cat([self.lora_B[n].weight * self.scaling[n] for n in active], dim=1).to(result.dtype)
-        if not torch.compiler.is_compiling():
-            self._krea_lite_fused = (key, a, b)
-    low = torch.nn.functional.linear(x.to(a.dtype), a).to(result.dtype)
-    flat = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]), b.t())
-    return flat.view(result.shape)
+    result = self.base_layer(x, *args, **kwargs).contiguous()
+    flat, rows = result.view(-1, result.shape[-1]), x.reshape(-1, x.shape[-1])
+    for n in active:
+        a, b = self.lora_A[n].weight, self.lora_B[n].weight
+        low = torch.nn.functional.linear(rows.to(a.dtype), a).to(result.dtype)
+        flat.addmm_(low, b.t().to(result.dtype), alpha=self.scaling[n])
+    return result
 
 
 def fused_side_branch(pipe, enable: bool = True) -> int:
-    """Opt-in: run each LoRA layer's side branch as one low-rank matmul pair for all active adapters, added in
-    the matmul (`_fused_forward`) instead of peft's per-adapter products, scale and add (and, on bitsandbytes
-    layers, a clone of the base output). The adapters stay unmerged and the base is untouched; the output
+    """Opt-in: run each LoRA layer's side branch accumulated into the base output in place (`_fused_forward`):
+    the scale inside the matmul instead of peft's bf16 product, scale and add per adapter (and, on bitsandbytes
+    layers, a clone of the base output); no extra memory. The adapters stay unmerged and the base is untouched; the output
     equals peft's up to bf16 rounding, not bit for bit. Adapters loaded later through `use_loras`/`load_lora`
     are fused too. `enable=False` restores peft's forward.
 
@@ -804,6 +798,5 @@ def fused_side_branch(pipe, enable: bool = True) -> int:
                     n += 1
                 else:
                     vars(m).pop("forward", None)
-                    vars(m).pop("_krea_lite_fused", None)
     setattr(pipe, _FUSED, enable)
     return n
