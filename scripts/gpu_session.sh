@@ -96,7 +96,7 @@ shutil.copytree(W / 'full', W / 'base', ignore=shutil.ignore_patterns('*.safeten
              --vae ae.safetensors --types Q4_K --out-root $W/gq --json "$OUT/gguf-check.json" 2>&1 | tail -8
           for c in "" --compile; do python3 -m krea_lite.cli generate --model $W/gq/Q4_K --vram-gb 8 $c --verbose --quiet \
              --steps 28 --seed 1 --out $W/png-gguf "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/gen8-gguf$c.log" | tail -8; done ;;
-    profile) timeout ${PROFILE_TIMEOUT:-420} python3 benchmarks/profile_step.py --model $W/q/full-fp8mm --cards none 8 6 4 --compile \
+    profile) timeout ${PROFILE_TIMEOUT:-420} python3 benchmarks/profile_step.py --model $W/q/full-fp8mm --cards ${PROFILE_CARDS:-none 8 6 4} --compile ${PROFILE_ARGS:-} \
              --json "$OUT/profile-fp8mm.json" 2>&1 | grep "^{" ;;
     loras) python3 -c "
 from pathlib import Path; from krea_lite.synthetic_lora import write_lora
