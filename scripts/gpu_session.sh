@@ -12,7 +12,7 @@
 #   ratio8     interleaved ratios for fp8mm + --compile, cards 8 6 4 (SCHEMES must have made full-fp8mm);
 #              RATIO_ARGS=--spread measures the spread-out streamed blocks (plan_for_budget(spread=True))
 #   lora       interleaved LoRA overhead: fp8mm + compile and nf4 eager, resident and 8 GiB, 1 and 3 rank-64 LoRAs,
-#              peft's side branch and lora.fused_side_branch (LoRA on fp8mm is refused: run LORA_ONLY=nf4)
+#              peft's side branch and lora.fused_side_branch (LORA_ONLY=nf4: one scheme only)
 #   gguf       benchmarks/gguf_check.py: a Q8_0 (GGUF_TYPES) .gguf written from the synthetic folder, converted (time,
 #              RSS), our kept blocks against diffusers' GGUF loader at 1024² (rel. error, s/step).
 #              Disk: synth 34 GB + a Q8_0 .gguf 12.7 GB + its folder 12.7 GB: run it on a fresh machine (64 GB).
