@@ -12,11 +12,12 @@
 #   ratio8     interleaved ratios for fp8mm + --compile, cards 8 6 4 (SCHEMES must have made full-fp8mm);
 #              RATIO_ARGS=--spread measures the spread-out streamed blocks (plan_for_budget(spread=True))
 #   lora       interleaved LoRA overhead: fp8mm + compile and nf4 eager, resident and 8 GiB, 1 and 3 rank-64 LoRAs,
-#              peft's side branch and lora.fused_side_branch (LoRA on fp8mm is refused: run LORA_ONLY=nf4)
+#              peft's side branch and lora.fused_side_branch (LORA_ONLY=nf4: one scheme only)
 #   gguf       benchmarks/gguf_check.py: a Q8_0 (GGUF_TYPES) .gguf written from the synthetic folder, converted (time,
 #              RSS), our kept blocks against diffusers' GGUF loader at 1024² (rel. error, s/step).
 #              Disk: synth 34 GB + a Q8_0 .gguf 12.7 GB + its folder 12.7 GB: run it on a fresh machine (64 GB).
 #   profile    benchmarks/profile_step.py: fp8mm + compile at none 8 6 4 GiB, per-stream GPU busy/idle time per step
+#   ggufq      the gguf stage's folder without its diffusers check: the .gguf written from the synthetic folder, quantized
 #   comfy      a user's ComfyUI files from the synthetic folder: a Q4_K .gguf, t5xxl_fp8_e4m3fn_scaled, clip_l, ae in
 #              $W/files and a folder of configs/tokenizers only in $W/base; FREE_SYNTH=1 then deletes the synthetic
 #              transformer and T5 weights (disk: later stages need only the folders made from them)
@@ -65,7 +66,7 @@ for s in $stages; do
     lora) specs=("fp8mm --compile" "nf4"); [ -n "${LORA_ONLY:-}" ] && specs=("$LORA_ONLY")
           for spec in "${specs[@]}"; do set -- $spec; python3 -m krea_lite.bench \
              --workdir $W/qb --models $1=$W/q/full-$1 --schemes $1 --budgets none 8 --resolutions 1024x1024 --batches 1 \
-             --steps 4 --warmup 2 --e2e-steps 0 --interleave 3 --interleave-only ${2:-} --loras 3 --lora-rank 64 --lora-fused --anchors --time-budget 0 \
+             --steps 4 --warmup 2 --e2e-steps 0 --interleave ${LORA_ROUNDS:-3} --interleave-only ${2:-} --loras 3 --lora-rank 64 --lora-fused --anchors --time-budget 0 \
              --cell-timeout ${LORA_TIMEOUT:-500} --out $W/lora-$1/ratio.json 2>&1 | tee "$OUT/lora-$1.log" | grep -E "ratio|\|" | tail -20
              cp $W/lora-$1/ratio.json "$OUT/lora-$1.json"; done ;;
     gen8) for run in 1 2; do python3 -m krea_lite.cli generate --model $W/q/full-fp8mm \
@@ -82,8 +83,12 @@ for s in $stages; do
              --types ${GGUF_TYPES:-Q8_0} --out-root $W/gq --json "$OUT/gguf-check.json" 2>&1 | tail -12
           [ -d $W/gq/$t ] && python3 -m krea_lite.bench --workdir $W/qb --models gguf=$W/gq/$t nf4=$W/q/full-nf4 \
              --schemes gguf --against nf4 --budgets none 8 --resolutions 1024x1024 --batches 1 --steps 4 --warmup 2 \
-             --e2e-steps 0 --interleave 3 --interleave-only --anchors --cell-timeout 420 ${GGUF_ARGS:-} --out $W/gguf-bench/ratio.json 2>&1 \
+             --e2e-steps 0 --interleave ${GGUF_ROUNDS:-3} --interleave-only --anchors --cell-timeout 420 ${GGUF_ARGS:-} --out $W/gguf-bench/ratio.json 2>&1 \
              | tee "$OUT/gguf-bench.log" | grep -E "ratio|\|" | tail -14; cp $W/gguf-bench/ratio.json "$OUT/gguf-bench.json" ;;
+    ggufq) t=${GGUF_TYPES:-Q8_0}; t=${t%% *}; [ -f $W/gq/$t/krea_lite.json ] || { python3 -c "
+from pathlib import Path; from krea_lite.synthetic_gguf import gguf_name, write_gguf
+write_gguf(Path('$W/full'), Path('$W/full') / gguf_name('$t'), '$t')" && /usr/bin/time -v python3 -m krea_lite.cli quantize \
+             $W/full/flux1-krea-dev-$t.gguf --base $W/full --out $W/gq/$t --quiet 2>&1 | grep -E "wrote|Elapsed|Maximum res"; } ;;
     comfy) [ -f $W/files/ae.safetensors ] || python3 -c "
 import shutil; from pathlib import Path
 from krea_lite.synthetic_comfy import write_comfy_files; from krea_lite.synthetic_gguf import gguf_name, write_gguf

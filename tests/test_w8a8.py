@@ -127,6 +127,19 @@ def test_dtype_casts_keep_the_8bit_weight_and_float32_scales(fresh_routes):
     assert after.dtype == torch.float16 and rel(after, before) < KERNEL_TOLERANCE
 
 
+def test_linear8_is_an_nn_linear_holding_only_its_own_tensors():
+    """peft wraps it as an nn.Linear (bf16 adapters: compute_dtype); nn.Linear's float weight never exists,
+    keys and repr are the 8-bit layer's, and the quantizer does not take it for a Linear to quantize."""
+    from krea_lite.quantize import split_linears
+
+    m = Linear8.from_linear(_linear(), "fp8")
+    assert isinstance(m, nn.Linear) and m.compute_dtype == torch.bfloat16
+    assert list(m.state_dict()) == ["bias", "weight", "weight_scale"] and [n for n, _ in m.named_parameters()] == ["bias"]
+    assert m.weight.dtype == torch.float8_e4m3fn and repr(m) == ("Linear8(in_features=256, out_features=128, "
+                                                                 "bias=True, scheme=fp8mm)")
+    assert split_linears(nn.Sequential(m, _linear()), ())[0] == ["1"]
+
+
 def test_8bit_input_is_refused_in_one_line(fresh_routes):
     m = Linear8.from_linear(_linear(), "fp8")
     with pytest.raises(KreaLiteError, match="keep that layer in bf16"):

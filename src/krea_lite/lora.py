@@ -1,9 +1,9 @@
 """LoRA on krea-lite pipelines: diffusers' own loader and converters, with the file checked first.
 
 `pipe.load_lora_weights`, `set_adapters`, `disable_lora`/`enable_lora`, `delete_adapters` and
-`unload_lora_weights` work on a pipeline from `load_pipeline` as on any FluxPipeline (bf16 and the
-bitsandbytes schemes; for the optimum-quanto schemes diffusers' `load_lora_weights` fails in its
-shape-expansion step, which reads `<module>.weight` from the state dict: use `load_lora`). This module
+`unload_lora_weights` work on a pipeline from `load_pipeline` as on any FluxPipeline (bf16, the
+bitsandbytes schemes, fp8mm and int8mm; for the optimum-quanto schemes and gguf diffusers' `load_lora_weights`
+fails in its shape-expansion step, which reads `<module>.weight` from the state dict: use `load_lora`). This module
 adds what a tool needs around them:
 
 - `read_lora_file` checks a file before anything is loaded (safetensors only, nothing is unpickled;
@@ -378,9 +378,6 @@ def match_lora(file: LoraFile, transformer: nn.Module, text_encoder: nn.Module |
 
 def _check_module(file: LoraFile, comp: str, name: str, module: nn.Module, parts: dict) -> None:
     where = f"{comp}.{name}"
-    if type(module).__name__ == "Linear8":
-        raise _fail(file.path, f"this folder's {comp} computes with krea-lite's 8-bit matmul layers (fp8mm/int8mm), "
-                               "which take no LoRA yet; use an nf4 or bf16 folder for LoRAs")
     if not isinstance(module, nn.Linear):
         raise _fail(file.path, f"its {file.layout} keys convert to {where!r}, which is a {type(module).__name__}, not a "
                                "linear layer (diffusers' converter cannot place this file's keys for that module)")
@@ -562,6 +559,9 @@ def guard_fuse(pipe) -> None:
     tr.fuse_lora = fuse_lora
 
 
+_QUANTIZED_LAYERS = ("bitsandbytes.", "optimum.", "krea_lite.w8a8", "krea_lite.gguf_file", "diffusers.quantizers.gguf.")
+
+
 def _quantized(pipe) -> str | None:
     info = getattr(pipe, "krea_lite", None)
     manifest = getattr(info, "manifest", None)
@@ -570,7 +570,7 @@ def _quantized(pipe) -> str | None:
         return None if scheme == "bf16" else f"quantized ({scheme})"
     tr = getattr(pipe, "transformer", None)
     for m in tr.modules() if tr is not None else ():
-        if type(m).__module__.split(".")[0] in ("bitsandbytes", "optimum"):
+        if type(m).__module__.startswith(_QUANTIZED_LAYERS):
             return f"quantized ({type(m).__name__})"
     return None
 

@@ -32,6 +32,7 @@ from .checkpoint import (
 )
 from .errors import KreaLiteError
 from .schemes import get_scheme
+from .w8a8 import Linear8
 
 # Linears that stay bf16 by default. They are ~0.3% of the transformer's weights but every token
 # and the whole conditioning pass through them: the patch and text embedders (first layers), the
@@ -135,8 +136,8 @@ def _keep_reason(component: str, scheme, kept: list[str]) -> str | None:
 
 
 def split_linears(model: nn.Module, patterns: tuple[str, ...]) -> tuple[list[str], list[str], set[str]]:
-    """(quantized, kept) Linear names, and the patterns that matched nothing."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """(quantized, kept) Linear names, and the patterns that matched nothing (a Linear8 is quantized already)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, Linear8)]
     kept = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     unused = {p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)}
     return [n for n in names if n not in kept], kept, unused

@@ -189,8 +189,12 @@ def route(kind: str, device) -> tuple[str, str | None]:
 # --- the module ---------------------------------------------------------------------------------------
 
 
-class Linear8(nn.Module):
+class Linear8(nn.Linear):
     """nn.Linear with an 8-bit weight, per-output-channel scales, and per-token 8-bit activations.
+
+    An nn.Linear to peft (which wraps it as a LoRA Linear) without nn.Linear's own parameters: `weight`
+    and `weight_scale` are buffers, `bias` a bf16 parameter; `compute_dtype` keeps peft's adapters in
+    bf16 (it casts them to a floating-point base weight's dtype otherwise, and fp8 is one).
 
     Args:
         in_features, out_features, bias: as nn.Linear.
@@ -198,8 +202,10 @@ class Linear8(nn.Module):
         device: where the (empty) tensors are created; "meta" when rebuilding a model to load into.
     """
 
+    compute_dtype = torch.bfloat16
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, kind: str = "fp8", device=None):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a float weight
         if kind not in KINDS:
             raise KreaLiteError(f"unknown 8-bit kind {kind!r}: choose one of {', '.join(KINDS)}")
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
