@@ -17,6 +17,7 @@
 #              RSS), our kept blocks against diffusers' GGUF loader at 1024² (rel. error, s/step).
 #              Disk: synth 34 GB + a Q8_0 .gguf 12.7 GB + its folder 12.7 GB: run it on a fresh machine (64 GB).
 #   profile    benchmarks/profile_step.py: fp8mm + compile at none 8 6 4 GiB, per-stream GPU busy/idle time per step
+#   (GGUF_ROUNDS / LORA_ROUNDS: at least 3, as `bench --interleave` requires)
 #   ggufq      the gguf stage's folder without its diffusers check: the .gguf written from the synthetic folder, quantized
 #   comfy      a user's ComfyUI files from the synthetic folder: a Q4_K .gguf, t5xxl_fp8_e4m3fn_scaled, clip_l, ae in
 #              $W/files and a folder of configs/tokenizers only in $W/base; FREE_SYNTH=1 then deletes the synthetic

@@ -628,7 +628,7 @@ def _cell_ratio(cell: dict, result: dict, save) -> None:
 def _lora_switch_times(pipe, cell: dict, dev, sizes) -> dict:
     """Seconds to load a LoRA file onto the loaded pipeline and to switch to another (checks, peft layers,
     the move to the GPU and any re-placement included), per card: the cell's LoRAs and two rank-8 ones
-    (~90 MB on the full-size model), after every adapter was removed."""
+    (~65 MB on the full-size model), after every adapter was removed."""
     import torch
 
     from ..lora import fused_side_branch, use_loras
