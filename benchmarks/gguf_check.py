@@ -96,12 +96,12 @@ def exact_dequantize():
         raw = tensor.as_tensor().view(torch.uint8)
         return dequantize(raw, tensor.quant_type)
 
-    saved = utils.dequantize_gguf_tensor
-    utils.dequantize_gguf_tensor = float32
+    saved = utils.dequantize_gguf_tensor, utils.ops
+    utils.dequantize_gguf_tensor, utils.ops = float32, None  # ops: its optional CUDA kernels, which skip the patch
     try:
         yield
     finally:
-        utils.dequantize_gguf_tensor = saved
+        utils.dequantize_gguf_tensor, utils.ops = saved
 
 
 def check(kind: str, folder: Path, out_root: Path, compile_: bool, files: Path | None = None,

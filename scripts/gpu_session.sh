@@ -3,7 +3,8 @@
 # `krea-lite generate --vram-gb 8` -> the benchmark. Run from the repo root on the device machine with .whl
 # carried; a device command may run 10 minutes, so call it again on the same warm machine to go on:
 #   bash scripts/gpu_session.sh [stage...]
-# stages: synth quantize tests budget generate ratio mutations bench (default: synth quantize tests generate bench)
+# stages: synth quantize tests budget generate ratio mutations bench micro ratio8 lora gen8 gguf ggufq comfy newuser
+#   profile cgroup16 loras genlora (default: synth quantize tests generate bench)
 #   tests      the GPU tier on tiny models (-m "gpu and not budget")
 #   budget     the full-size budget tests (-m budget, KREA_FULL_DIR = the NF4 folder)
 #   ratio      interleaved streamed/resident ratios: `krea-lite bench --interleave`, NF4 1024², cards 8 6 4
@@ -86,10 +87,11 @@ for s in $stages; do
              --schemes gguf --against nf4 --budgets none 8 --resolutions 1024x1024 --batches 1 --steps 4 --warmup 2 \
              --e2e-steps 0 --interleave ${GGUF_ROUNDS:-3} --interleave-only --anchors --cell-timeout 420 ${GGUF_ARGS:-} --out $W/gguf-bench/ratio.json 2>&1 \
              | tee "$OUT/gguf-bench.log" | grep -E "ratio|\|" | tail -14; cp $W/gguf-bench/ratio.json "$OUT/gguf-bench.json" ;;
-    ggufq) t=${GGUF_TYPES:-Q8_0}; t=${t%% *}; [ -f $W/gq/$t/krea_lite.json ] || { python3 -c "
+    ggufq) t=${GGUF_TYPES:-Q8_0}; t=${t%% *}; [ -f $W/gq/$t/krea_lite.json ] || { [ -f $W/full/flux1-krea-dev-$t.gguf ] || python3 -c "
 from pathlib import Path; from krea_lite.synthetic_gguf import gguf_name, write_gguf
 write_gguf(Path('$W/full'), Path('$W/full') / gguf_name('$t'), '$t')" && /usr/bin/time -v python3 -m krea_lite.cli quantize \
-             $W/full/flux1-krea-dev-$t.gguf --base $W/full --out $W/gq/$t --quiet 2>&1 | grep -E "wrote|Elapsed|Maximum res"; } ;;
+             $W/full/flux1-krea-dev-$t.gguf --base $W/full --out $W/gq/$t --quiet 2>&1 | tee "$OUT/ggufq.log" \
+             | grep -E "wrote|Elapsed|Maximum res|error"; } ;;
     comfy) [ -f $W/files/ae.safetensors ] || python3 -c "
 import shutil; from pathlib import Path
 from krea_lite.synthetic_comfy import write_comfy_files; from krea_lite.synthetic_gguf import gguf_name, write_gguf
@@ -113,16 +115,18 @@ for s in (0, 1, 2):
              --lora /tmp/krea-lite-bench-loras/lora-full-r64-s0.safetensors \
              --lora /tmp/krea-lite-bench-loras/lora-full-r64-s1.safetensors:0.5 --out $W/png-lora \
              "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/gen8-nf4-lora.log" | tail -12 ;;
-    cgroup16) g=/sys/fs/cgroup/krea16; mkdir -p $g 2>/dev/null; grep -qw memory /sys/fs/cgroup/cgroup.subtree_control \
+    cgroup16) g=/sys/fs/cgroup/krea16-$$; mkdir -p $g 2>/dev/null; grep -qw memory /sys/fs/cgroup/cgroup.subtree_control \
              || echo +memory > /sys/fs/cgroup/cgroup.subtree_control
+          sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null  # earlier stages' page cache stays outside the cgroup
           if echo 16G > $g/memory.max 2>/dev/null; then echo 0 > $g/memory.swap.max 2>/dev/null
              (echo $BASHPID > $g/cgroup.procs && exec /usr/bin/time -v python3 -m krea_lite.cli generate \
-               --model $W/q/full-${CG_SCHEME:-fp8mm} --vram-gb 8 ${CG_ARGS:---compile} --verbose --quiet --steps 28 --seed 1 \
+               --model $W/q/full-${CG_SCHEME:-fp8mm} --vram-gb 8 ${CG_ARGS---compile} --verbose --quiet --steps 28 --seed 1 \
                --out $W/png-cg "a lighthouse on a cliff at dawn") > "$OUT/cgroup16.log" 2>&1
-             echo "rc $?" >> "$OUT/cgroup16.log"; for f in memory.max memory.peak memory.events memory.stat; do
-               echo "== $f"; head -12 $g/$f; done >> "$OUT/cgroup16.log"
-             grep -E "rc |s/step|peak|Maximum resident|oom|== memory.(max|peak)" -A1 "$OUT/cgroup16.log" | head -24
-          else echo "no cgroup v2 memory controller here: $(cat /sys/fs/cgroup/cgroup.controllers 2>&1)" | tee "$OUT/cgroup16.log"; fi ;;
+             echo "rc $?" >> "$OUT/cgroup16.log"; for f in memory.max memory.swap.max memory.peak memory.events memory.stat; do
+               echo "== $f"; head -12 $g/$f 2>&1; done >> "$OUT/cgroup16.log"; swapon --show >> "$OUT/cgroup16.log" 2>&1
+             grep -E "rc |s/step|peak|Maximum resident|oom|== memory.(max|peak)" -A1 "$OUT/cgroup16.log" | head -24; rmdir $g
+          else echo "cannot make a memory-limited cgroup-v2 here: controllers '$(cat /sys/fs/cgroup/cgroup.controllers 2>&1)'," \
+             "subtree '$(cat /sys/fs/cgroup/cgroup.subtree_control 2>&1)'" | tee "$OUT/cgroup16.log"; fi ;;
     mutations) timeout 420 python3 scripts/mutations.py 2>&1 | tee "$OUT/mutations.log" | tail -10 ;;
     generate) python3 -m krea_lite.cli --debug generate --model $W/q/full-nf4 --vram-gb ${VRAM:-8} --verbose --quiet \
              --steps ${STEPS:-28} --out $W/png "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/generate.log" | tail -30 ;;

@@ -90,6 +90,9 @@ class GGUFLinear(DiffusersGGUFLinear):
     streaming engine re-points its `.data`; under torch.compile the dequantize fuses into the block's
     graph (no graph break: tests/test_gguf.py)."""
 
+    def forward(self, inputs):  # never diffusers' CUDA kernels (fetched from the hub at run time when enabled)
+        return self.forward_native(inputs)
+
     def forward_native(self, inputs):
         w = self.weight
         weight = dequantize(w.as_tensor(), w.quant_type).to(self.compute_dtype)

@@ -3,7 +3,7 @@
 `pipe.load_lora_weights`, `set_adapters`, `disable_lora`/`enable_lora`, `delete_adapters` and
 `unload_lora_weights` work on a pipeline from `load_pipeline` as on any FluxPipeline (bf16, the
 bitsandbytes schemes, fp8mm and int8mm; for the optimum-quanto schemes and gguf diffusers' `load_lora_weights`
-fails in its shape-expansion step, which reads `<module>.weight` from the state dict: use `load_lora`). This module
+would fail midway in its shape-expansion step, which reads `<module>.weight`, so it refuses: use `load_lora`). This module
 adds what a tool needs around them:
 
 - `read_lora_file` checks a file before anything is loaded (safetensors only, nothing is unpickled;
@@ -14,7 +14,8 @@ adds what a tool needs around them:
   `load_lora_into_text_encoder` (what `load_lora_weights` calls, minus the shape expansion that
   would widen a layer for a LoRA of another shape), and delete a half-made adapter on failure;
   switching LoRAs never touches the base weights;
-- `guard_fuse` makes `fuse_lora` on a quantized transformer refuse in one line: merging would
+- `guard_fuse` makes `fuse_lora` on a quantized transformer (and `load_lora_weights` where it would fail)
+  refuse in one line: merging would
   requantize the weights (peft's bitsandbytes merge dequantizes, adds and quantizes again, and on a
   plain `lora.Linear` wrapping a quantized layer it would add to the packed bytes).
 
@@ -541,7 +542,8 @@ def active_loras(pipe) -> list[LoadedLora]:
 
 
 def guard_fuse(pipe) -> None:
-    """Make `fuse_lora` refuse, in one line, on a quantized transformer (idempotent; bf16 still fuses).
+    """Make `fuse_lora` refuse, in one line, on a quantized transformer (idempotent; bf16 still fuses), and
+    `pipe.load_lora_weights` on gguf and optimum-quanto transformers, where diffusers' loader fails midway.
 
     diffusers' `pipe.fuse_lora` calls `transformer.fuse_lora`; on a quantized transformer that method is
     replaced on this instance only (the class, and the pipeline, stay the ordinary diffusers ones).
@@ -557,6 +559,19 @@ def guard_fuse(pipe) -> None:
                             "unmerged: keep them as adapters (set_adapters sets their scales), or fuse on a bf16 folder")
 
     tr.fuse_lora = fuse_lora
+    if any(k in kind for k in _NO_DIFFUSERS_LOADER) and "load_lora_weights" not in vars(pipe):
+
+        def load_lora_weights(*_args, **_kwargs):  # diffusers' would fail midway, leaving peft wrappers behind
+            raise KreaLiteError(f"load_lora_weights refused: the transformer is {kind}, whose packed weights "
+                                "diffusers' loader reads as weight shapes and fails on; use "
+                                "krea_lite.lora.load_lora(pipe, FILE, adapter_name=...) (or use_loras), which checks "
+                                "the file and loads it through diffusers' per-component loaders")
+
+        pipe.load_lora_weights = load_lora_weights
+
+
+# transformers whose packed weights break diffusers' load_lora_weights (its shape-expansion step)
+_NO_DIFFUSERS_LOADER = ("gguf", "GGUFLinear", "qint8", "qfloat8", "qint4", "QLinear")
 
 
 _QUANTIZED_LAYERS = ("bitsandbytes.", "optimum.", "krea_lite.w8a8", "krea_lite.gguf_file", "diffusers.quantizers.gguf.")
@@ -766,9 +781,13 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     to rounding; anything this path does not cover (training, disabled, merged, mixed-batch adapter_names,
     DoRA-style variants, lora_bias) runs peft's own forward."""
     active = [a for a in self.active_adapters if a in self.lora_A]
-    if (torch.is_grad_enabled() or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
-            or not active or any(a in self.lora_variant or self.lora_B[a].bias is not None for a in active)):
+    if (torch.is_grad_enabled() or self.training or self.disable_adapters or self.merged
+            or kwargs.get("adapter_names") is not None or not active
+            or any(a in self.lora_variant or self.lora_B[a].bias is not None for a in active)):
         return type(self).forward(self, x, *args, **kwargs)
+    kwargs.pop("adapter_names", None)  # peft's forward takes it; the base layer does not
+    # every base layer krea-lite wraps returns a fresh tensor (no view of a weight, input or cache), so
+    # adding into it in place is safe
     result = self.base_layer(x, *args, **kwargs).contiguous()
     flat, rows = result.view(-1, result.shape[-1]), x.reshape(-1, x.shape[-1])
     for n in active:
