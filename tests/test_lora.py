@@ -804,11 +804,22 @@ def test_fused_side_branch_follows_peft_and_switches_back(scheme, folder, files,
         peft_ys = [m(x) for m, x in zip(layers, xs, strict=True)]
     before = {id(m): set(vars(m)) for m in pipe.transformer.modules()}
     assert L.fused_side_branch(pipe) == peft_layers(pipe) > 0
-    with torch.no_grad():
-        for m, x, y in zip(layers, xs, peft_ys, strict=True):
-            got = m(x)
-            assert rel(got, y) <= 2**-7 and (got.float() - y.float()).abs().max() <= 2**-6 * y.float().abs().max()
-    fused = out(pipe, inputs)
+    peft_forward = {type(m): type(m).forward for m in layers}
+
+    def not_peft(*_a, **_k):
+        raise AssertionError("the fused path fell back to peft's forward")
+
+    for cls in peft_forward:  # the fused path must run, not fall back (peft's wrappers are in training mode)
+        cls.forward = not_peft
+    try:
+        with torch.no_grad():
+            for m, x, y in zip(layers, xs, peft_ys, strict=True):
+                got = m(x)
+                assert rel(got, y) <= 2**-7 and (got.float() - y.float()).abs().max() <= 2**-6 * y.float().abs().max()
+            fused = out(pipe, inputs)
+    finally:
+        for cls, f in peft_forward.items():
+            cls.forward = f
     added = {k for m in pipe.transformer.modules() for k in set(vars(m)) - before[id(m)]}
     assert added == {"forward"}  # nothing cached per layer: no copies of the adapters
     assert not torch.equal(fused, base) and rel(fused, peft_out) < FUSED_TOLERANCE[scheme]

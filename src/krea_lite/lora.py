@@ -778,12 +778,12 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     place: low = x @ A^T, then out += scale * low @ B^T in one `addmm_` (the scale applied inside the matmul).
     No copy of the base output (peft clones it on bitsandbytes layers), no bf16 product and separate scale and
     add per adapter, and no extra memory: the adapters' own tensors are used as they are. What peft does, up
-    to rounding; anything this path does not cover (training, disabled, merged, mixed-batch adapter_names,
-    DoRA-style variants, lora_bias) runs peft's own forward."""
+    to rounding; anything this path does not cover (gradients, dropout in training mode, disabled, merged,
+    mixed-batch adapter_names, DoRA-style variants, lora_bias) runs peft's own forward."""
     active = [a for a in self.active_adapters if a in self.lora_A]
-    if (torch.is_grad_enabled() or self.training or self.disable_adapters or self.merged
-            or kwargs.get("adapter_names") is not None or not active
-            or any(a in self.lora_variant or self.lora_B[a].bias is not None for a in active)):
+    if (torch.is_grad_enabled() or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
+            or not active or any(a in self.lora_variant or self.lora_B[a].bias is not None
+                                 or (self.training and not isinstance(self.lora_dropout[a], nn.Identity)) for a in active)):
         return type(self).forward(self, x, *args, **kwargs)
     kwargs.pop("adapter_names", None)  # peft's forward takes it; the base layer does not
     # every base layer krea-lite wraps returns a fresh tensor (no view of a weight, input or cache), so
