@@ -106,11 +106,7 @@ shutil.copytree(W / 'full', W / 'base', ignore=shutil.ignore_patterns('*.safeten
              --steps 28 --seed 1 --out $W/png-gguf "a lighthouse on a cliff at dawn" 2>&1 | tee "$OUT/gen8-gguf$c.log" | tail -8; done ;;
     profile) timeout ${PROFILE_TIMEOUT:-420} python3 benchmarks/profile_step.py --model $W/q/full-fp8mm --cards ${PROFILE_CARDS:-none 8 6 4} --compile ${PROFILE_ARGS:-} \
              --json "$OUT/profile-fp8mm.json" 2>&1 | grep "^{" ;;
-    loras) python3 -c "
-from pathlib import Path; from krea_lite.synthetic_lora import write_lora
-d = Path('/tmp/krea-lite-bench-loras'); d.mkdir(exist_ok=True)
-for s in (0, 1, 2):
-    p = d / f'lora-full-r64-s{s}.safetensors'; p.exists() or write_lora(p, 'diffusers', size='full', rank=64, seed=s)" ;;
+    loras) python3 -c "from krea_lite.bench.cells import _bench_loras; _bench_loras({'loras': 3, 'lora_rank': 64, 'model': '$W/full'})" ;;
     genlora) python3 -m krea_lite.cli generate --model $W/q/full-nf4 --vram-gb 8 --verbose --quiet --steps 28 --seed 1 \
              --lora /tmp/krea-lite-bench-loras/lora-full-r64-s0.safetensors \
              --lora /tmp/krea-lite-bench-loras/lora-full-r64-s1.safetensors:0.5 --out $W/png-lora \

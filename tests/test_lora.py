@@ -788,7 +788,7 @@ FUSED_TOLERANCE = {"bf16": 1e-2, "nf4": 1e-2, "gguf": 1e-2, "int8mm": 0.02, "fp8
 
 
 @pytest.mark.parametrize("scheme", ["bf16", "nf4", "fp8mm", "int8mm", "gguf"])
-def test_fused_side_branch_follows_peft_and_switches_back(scheme, folder, files, inputs):
+def test_fused_side_branch_follows_peft_and_switches_back(scheme, folder, files, inputs, monkeypatch):
     """The opt-in fused side branch gives peft's output up to bf16 rounding (per layer; through the model
     within FUSED_TOLERANCE), follows set_adapters and disable_lora, and enable=False restores peft's forward."""
     from peft.tuners.lora import LoraLayer
@@ -804,22 +804,18 @@ def test_fused_side_branch_follows_peft_and_switches_back(scheme, folder, files,
         peft_ys = [m(x) for m, x in zip(layers, xs, strict=True)]
     before = {id(m): set(vars(m)) for m in pipe.transformer.modules()}
     assert L.fused_side_branch(pipe) == peft_layers(pipe) > 0
-    peft_forward = {type(m): type(m).forward for m in layers}
 
     def not_peft(*_a, **_k):
         raise AssertionError("the fused path fell back to peft's forward")
 
-    for cls in peft_forward:  # the fused path must run, not fall back (peft's wrappers are in training mode)
-        cls.forward = not_peft
-    try:
-        with torch.no_grad():
-            for m, x, y in zip(layers, xs, peft_ys, strict=True):
-                got = m(x)
-                assert rel(got, y) <= 2**-7 and (got.float() - y.float()).abs().max() <= 2**-6 * y.float().abs().max()
-            fused = out(pipe, inputs)
-    finally:
-        for cls, f in peft_forward.items():
-            cls.forward = f
+    for cls in {type(m) for m in layers}:  # the fused path must run, not fall back (peft's wrappers are in training mode)
+        monkeypatch.setattr(cls, "forward", not_peft)
+    with torch.no_grad():
+        for m, x, y in zip(layers, xs, peft_ys, strict=True):
+            got = m(x)
+            assert rel(got, y) <= 2**-7 and (got.float() - y.float()).abs().max() <= 2**-6 * y.float().abs().max()
+        fused = out(pipe, inputs)
+    monkeypatch.undo()  # peft's forward again, for the fallbacks below
     added = {k for m in pipe.transformer.modules() for k in set(vars(m)) - before[id(m)]}
     assert added == {"forward"}  # nothing cached per layer: no copies of the adapters
     assert not torch.equal(fused, base) and rel(fused, peft_out) < FUSED_TOLERANCE[scheme]
