@@ -701,24 +701,33 @@ def test_lora_on_a_placed_pipeline_equals_lora_on_the_unplaced_one(scheme, folde
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("scheme", ["nf4", "bf16"])
-def test_lora_on_a_tightly_placed_cuda_pipeline_equals_resident(scheme, quantized, files, inputs):
+@pytest.mark.parametrize("scheme", ["nf4", "bf16", "fp8mm", "int8mm", "gguf"])
+def test_lora_on_a_tightly_placed_cuda_pipeline_equals_resident(scheme, folder, files, inputs):
     """On CUDA: a LoRA loaded after a tight placement (blocks streamed) == the same LoRA on the resident
-    pipeline, bit for bit; its A/B live on the GPU and are never streamed."""
+    pipeline, bit for bit, through peft's side branch and through the fused one; its A/B live on the GPU and
+    are never streamed."""
     from krea_lite.pipeline import place
 
-    pipe = load_pipeline(quantized(scheme), device="cuda", verify="none")  # no budget: resident
+    pipe = load_pipeline(folder(scheme), device="cuda", verify="none")  # no budget: resident
     pipe.set_progress_bar_config(disable=True)
     gpu_inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs.items()}
     L.load_lora(pipe, files["a"], 0.8)
     ref_out, ref_image = out(pipe, gpu_inputs), image(pipe)
+    assert L.fused_side_branch(pipe) > 0
+    ref_fused = out(pipe, gpu_inputs)
+    assert rel(ref_fused, ref_out) < FUSED_TOLERANCE[scheme]
+    L.fused_side_branch(pipe, enable=False)
+    plan = tight_plan(pipe)  # the smallest budget that holds the adapter's bytes too, measured while it is loaded
     L.unload_loras(pipe)
     base_image = image(pipe)
-    place(pipe, tight_plan(pipe))
+    place(pipe, plan)
     L.load_lora(pipe, files["a"], 0.8)
     assert all(t.device.type == "cuda" for t in L.adapter_tensors(pipe.transformer))
     assert torch.equal(out(pipe, gpu_inputs), ref_out)
     assert (image(pipe) == ref_image).all()
+    L.fused_side_branch(pipe)
+    assert torch.equal(out(pipe, gpu_inputs), ref_fused)
+    L.fused_side_branch(pipe, enable=False)
     L.unload_loras(pipe)
     assert (image(pipe) == base_image).all()
 

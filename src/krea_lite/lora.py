@@ -774,10 +774,12 @@ _FUSED = "krea_lite_fused_side_branch"  # pipe attribute: fused_side_branch(pipe
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft's LoRA Linear forward with each active adapter's side branch accumulated into the base output in
-    place: low = x @ A^T, then out += scale * low @ B^T in one `addmm_` (the scale applied inside the matmul).
-    No copy of the base output (peft clones it on bitsandbytes layers), no bf16 product and separate scale and
-    add per adapter, and no extra memory: the adapters' own tensors are used as they are. What peft does, up
+    """peft's LoRA Linear forward with the active adapters' side branch accumulated into the base output in
+    place: low = x @ A^T, then out += scale * low @ B^T in one `addmm_` (the scale applied inside the matmul);
+    several adapters run as one adapter of their summed rank (A's scaled by their weights, stacked; B's side
+    by side), so x is read and the output written once, not once per adapter. No copy of the base output
+    (peft clones it on bitsandbytes layers), no bf16 product and separate scale and add per adapter, and
+    nothing kept: the adapters' own tensors are used (stacked per call, transient). What peft does, up
     to rounding; anything this path does not cover (gradients, dropout in training mode, disabled, merged,
     mixed-batch adapter_names, DoRA-style variants, lora_bias) runs peft's own forward."""
     active = [a for a in self.active_adapters if a in self.lora_A]
@@ -790,10 +792,14 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # adding into it in place is safe
     result = self.base_layer(x, *args, **kwargs).contiguous()
     flat, rows = result.view(-1, result.shape[-1]), x.reshape(-1, x.shape[-1])
-    for n in active:
-        a, b = self.lora_A[n].weight, self.lora_B[n].weight
-        low = torch.nn.functional.linear(rows.to(a.dtype), a).to(result.dtype)
-        flat.addmm_(low, b.t().to(result.dtype), alpha=self.scaling[n])
+    if len(active) == 1:
+        a, b, alpha = self.lora_A[active[0]].weight, self.lora_B[active[0]].weight, self.scaling[active[0]]
+    else:  # stacked: one matmul pair over the adapters side by side (x read once, the output written once);
+        # the scales go into A's rows. The concatenations are transient (a few MB), nothing is kept
+        a = torch.cat([self.lora_A[n].weight * self.scaling[n] for n in active])
+        b, alpha = torch.cat([self.lora_B[n].weight for n in active], dim=1), 1.0
+    low = torch.nn.functional.linear(rows.to(a.dtype), a).to(result.dtype)
+    flat.addmm_(low, b.t().to(result.dtype), alpha=alpha)
     return result
 
 
